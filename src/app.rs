@@ -1,0 +1,223 @@
+//! Wiring: builds every subsystem from a validated [`Config`], starts the
+//! listeners and background tasks, reloads on SIGHUP and shuts down in order.
+//! Tests start whole relays through [`Relay::start`] on ephemeral ports.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::broker::Broker;
+use crate::config::{Config, ConfigError, Policy};
+use crate::dedup::Dedup;
+use crate::limits::Admission;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::spool::Spool;
+use crate::tls::Tls;
+use crate::{admin, server};
+
+/// How often idle rate-limit buckets are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Everything a request needs, shared by all connections.
+pub struct AppState {
+    pub config: Config,
+    policy: ArcSwap<Policy>,
+    tls: ArcSwapOption<Tls>,
+    pub admission: Admission,
+    pub dedup: Arc<Dedup>,
+    pub outbox: Outbox,
+    pub metrics: Arc<Metrics>,
+    draining: AtomicBool,
+}
+
+impl AppState {
+    /// The current network and auth policy (swapped atomically on reload).
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    pub fn tls(&self) -> Option<Arc<Tls>> {
+        self.tls.load_full()
+    }
+
+    /// SIGHUP: re-reads allowlist, secrets and certificate. All or nothing:
+    /// a bad file leaves the running configuration untouched.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let result = self.config.sources.load_policy().and_then(|policy| {
+            let tls = self
+                .config
+                .sources
+                .tls
+                .as_ref()
+                .map(Tls::load)
+                .transpose()?;
+            Ok((policy, tls))
+        });
+        match result {
+            Ok((policy, tls)) => {
+                self.policy.store(Arc::new(policy));
+                if let Some(tls) = tls {
+                    self.metrics.cert_expiry.set(tls.not_after);
+                    self.tls.store(Some(Arc::new(tls)));
+                }
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["success"])
+                    .inc();
+                info!("configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
+                error!(error = %e, "reload rejected; keeping the running configuration");
+                Err(e)
+            }
+        }
+    }
+
+    /// `/readyz`: can an event be made safe right now?
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        let verdict = if self.draining.load(Ordering::Relaxed) {
+            Err("draining")
+        } else if !self.outbox.can_accept() {
+            Err("broker down and spool full")
+        } else {
+            Ok(())
+        };
+        self.metrics.ready.set(i64::from(verdict.is_ok()));
+        verdict
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    pub public_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    state: Arc<AppState>,
+    stop_accepting: CancellationToken,
+    stop_background: CancellationToken,
+    server: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Relay {
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let policy = config.sources.load_policy()?;
+        let tls = config.sources.tls.as_ref().map(Tls::load).transpose()?;
+        if let Some(tls) = &tls {
+            metrics.cert_expiry.set(tls.not_after);
+        }
+        let spool = Spool::open(config.spool.clone(), metrics.clone())?;
+        let broker = Broker::new(config.broker.clone(), metrics.clone());
+        let dedup = Dedup::new(&config.dedup);
+        for id in spool.ids().await? {
+            dedup.remember(&id);
+        }
+        let public = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let admin = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen)
+        })?;
+        let public_addr = public.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+
+        let state = Arc::new(AppState {
+            admission: Admission::new(&config.limits),
+            config,
+            policy: ArcSwap::from_pointee(policy),
+            tls: ArcSwapOption::new(tls.map(Arc::new)),
+            dedup,
+            outbox: Outbox {
+                broker: broker.clone(),
+                spool: spool.clone(),
+            },
+            metrics,
+            draining: AtomicBool::new(false),
+        });
+        let _ = state.readiness();
+
+        let stop_accepting = CancellationToken::new();
+        let stop_background = CancellationToken::new();
+        let background = vec![
+            tokio::spawn(broker.clone().supervise(stop_background.clone())),
+            tokio::spawn(spool.drain(broker, stop_background.clone())),
+            tokio::spawn(prune(state.clone(), stop_background.clone())),
+            tokio::spawn(admin::serve(admin, state.clone(), stop_background.clone())),
+        ];
+        let server = tokio::spawn(server::serve(public, state.clone(), stop_accepting.clone()));
+        info!(
+            listen = %public_addr,
+            admin = %admin_addr,
+            tls = state.tls().is_some(),
+            path = %state.config.webhook_path,
+            "ocrolus-relay serving"
+        );
+        Ok(Self {
+            public_addr,
+            admin_addr,
+            state,
+            stop_accepting,
+            stop_background,
+            server,
+            background,
+        })
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Graceful shutdown: readiness 503 at once, keep serving for the grace
+    /// period, stop accepting, let requests in flight finish within the
+    /// deadline, then stop the drainer and close the broker connection.
+    /// Undelivered events stay in the spool for the next start.
+    pub async fn shutdown(self) {
+        self.state.draining.store(true, Ordering::Relaxed);
+        let _ = self.state.readiness();
+        let grace = self.state.config.shutdown.grace;
+        if !grace.is_zero() {
+            info!(?grace, "draining: readiness is 503, still serving");
+            tokio::time::sleep(grace).await;
+        }
+        self.stop_accepting.cancel();
+        if let Err(e) = self.server.await {
+            warn!(error = %e, "public listener task failed");
+        }
+        self.stop_background.cancel();
+        for task in self.background {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        let left = self.state.outbox.spool.stats().messages;
+        info!(spooled = left, "ocrolus-relay stopped");
+    }
+}
+
+async fn prune(state: Arc<AppState>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                state.admission.prune();
+                let _ = state.readiness();
+            }
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! Pipeline step 11: publish to RabbitMQ and wait for the publisher confirm.
+//!
+//! A supervisor task owns the connection: it connects with capped, jittered
+//! exponential backoff, declares the topology, opens the confirm channels,
+//! watches `connection.blocked` and reconnects when the connection dies or a
+//! publish times out. Requests never wait for a reconnect and no lock is held
+//! across a publish: they take the current link (an `Arc` swap) and publish on
+//! one of its channels, many in flight at once.
+//!
+//! Only `Confirmation::Ack(None)` is success: `Ack(Some(returned))` means the
+//! mandatory message was unroutable, `Nack` means the broker did not take it,
+//! and `NotRequested` would mean confirms were never enabled.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::uri::AMQPUri;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{BrokerConfig, redact_url};
+use crate::event::{Envelope, metric_label};
+use crate::metrics::Metrics;
+
+/// Heartbeat asked for when the URL names none: a dead peer is noticed in
+/// seconds, not the broker's default minute.
+const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Why a publish was not confirmed. Each is a metric reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker nacked the message")]
+    Nack,
+    #[error("message was unroutable and returned")]
+    Returned,
+    #[error("no confirm within the timeout")]
+    Timeout,
+    #[error("no broker connection")]
+    Disconnected,
+    #[error("broker blocks publishing (connection.blocked)")]
+    Blocked,
+}
+
+impl PublishError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Nack => "nack",
+            Self::Returned => "returned",
+            Self::Timeout => "timeout",
+            Self::Disconnected => "disconnected",
+            Self::Blocked => "blocked",
+        }
+    }
+}
+
+/// One established connection and its confirm channels.
+struct Link {
+    generation: u64,
+    channels: Vec<Channel>,
+}
+
+pub struct Broker {
+    config: BrokerConfig,
+    link: ArcSwapOption<Link>,
+    blocked: AtomicBool,
+    next_channel: AtomicUsize,
+    /// Generation a publisher found broken; the supervisor reconnects if it
+    /// is still the current one.
+    suspect: AtomicU64,
+    wake: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl Broker {
+    pub fn new(config: BrokerConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            link: ArcSwapOption::empty(),
+            blocked: AtomicBool::new(false),
+            next_channel: AtomicUsize::new(0),
+            suspect: AtomicU64::new(0),
+            wake: Notify::new(),
+            metrics,
+        })
+    }
+
+    /// True while a confirm channel is open and the broker does not block us.
+    pub fn is_up(&self) -> bool {
+        self.link.load().is_some() && !self.blocked.load(Ordering::Relaxed)
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// Publishes one event and waits for its confirm, bounded by the confirm
+    /// timeout. Channels are used round robin.
+    pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
+        self.publish_on(envelope, None).await
+    }
+
+    /// Publishes on a fixed channel, so that a sequence keeps its order (the
+    /// spool drainer).
+    pub async fn publish_ordered(&self, envelope: &Envelope) -> Result<(), PublishError> {
+        self.publish_on(envelope, Some(0)).await
+    }
+
+    async fn publish_on(
+        &self,
+        envelope: &Envelope,
+        channel: Option<usize>,
+    ) -> Result<(), PublishError> {
+        let result = self.try_publish(envelope, channel).await;
+        match result {
+            Ok(()) => {
+                self.metrics
+                    .events_published
+                    .with_label_values(&[metric_label(&envelope.routing_key)])
+                    .inc();
+            }
+            Err(e) => self
+                .metrics
+                .publish_failures
+                .with_label_values(&[e.reason()])
+                .inc(),
+        }
+        result
+    }
+
+    async fn try_publish(
+        &self,
+        envelope: &Envelope,
+        channel: Option<usize>,
+    ) -> Result<(), PublishError> {
+        let link = self.link.load_full().ok_or(PublishError::Disconnected)?;
+        if self.blocked.load(Ordering::Relaxed) {
+            // A blocked broker holds publishes indefinitely: spool at once.
+            return Err(PublishError::Blocked);
+        }
+        let index = channel.unwrap_or_else(|| self.next_channel.fetch_add(1, Ordering::Relaxed));
+        let channel = &link.channels[index % link.channels.len()];
+        let started = Instant::now();
+        let confirmed = tokio::time::timeout(self.config.confirm_timeout, async {
+            let confirm = channel
+                .basic_publish(
+                    self.config.exchange.as_str().into(),
+                    envelope.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &envelope.body,
+                    properties(envelope),
+                )
+                .await
+                .map_err(|_| PublishError::Disconnected)?;
+            match confirm.await {
+                Ok(Confirmation::Ack(None)) => Ok(()),
+                Ok(Confirmation::Ack(Some(_))) => Err(PublishError::Returned),
+                Ok(Confirmation::Nack(_)) | Ok(Confirmation::NotRequested) => {
+                    Err(PublishError::Nack)
+                }
+                Err(_) => Err(PublishError::Disconnected),
+            }
+        })
+        .await
+        .unwrap_or(Err(PublishError::Timeout));
+        match confirmed {
+            Ok(()) => self
+                .metrics
+                .confirm_duration
+                .observe(started.elapsed().as_secs_f64()),
+            Err(PublishError::Timeout | PublishError::Disconnected) => {
+                self.report_broken(link.generation)
+            }
+            Err(_) => {}
+        }
+        confirmed
+    }
+
+    fn report_broken(&self, generation: u64) {
+        self.suspect.store(generation, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// The supervisor: keeps a healthy link until shutdown.
+    pub async fn supervise(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Backoff::default();
+        let mut generation = 0u64;
+        while !shutdown.is_cancelled() {
+            generation += 1;
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(generation)) => {
+                    r.unwrap_or_else(|_| Err(anyhow::anyhow!("connect timed out")))
+                }
+            };
+            match connected {
+                Ok((connection, link)) => {
+                    if generation > 1 {
+                        self.metrics.broker_reconnects.inc();
+                    }
+                    info!(url = %redact_url(&self.config.url), exchange = %self.config.exchange, "broker connected");
+                    backoff.reset();
+                    self.link.store(Some(Arc::new(link)));
+                    self.metrics.broker_up.set(1);
+                    let reason = self.watch(&connection, generation, &shutdown).await;
+                    self.link.store(None);
+                    self.blocked.store(false, Ordering::Relaxed);
+                    self.metrics.broker_up.set(0);
+                    self.metrics.broker_blocked.set(0);
+                    close_quietly(connection);
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                    warn!(%reason, "broker connection lost; reconnecting");
+                }
+                Err(e) => {
+                    warn!(url = %redact_url(&self.config.url), error = %e, "broker connect failed");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+        info!("broker supervisor stopped");
+    }
+
+    /// Waits until the connection fails, a publisher reports it broken, or
+    /// shutdown; tracks blocked/unblocked meanwhile.
+    async fn watch(
+        &self,
+        connection: &Connection,
+        generation: u64,
+        shutdown: &CancellationToken,
+    ) -> String {
+        let mut events = connection.events_listener();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return "shutdown".into(),
+                _ = self.wake.notified() => {
+                    if self.suspect.load(Ordering::Relaxed) == generation {
+                        return "a publish failed or timed out".into();
+                    }
+                }
+                event = events.next() => match event {
+                    None => return "connection closed".into(),
+                    Some(lapin::Event::Error(e)) => return e.to_string(),
+                    Some(lapin::Event::ConnectionBlocked(reason)) => {
+                        warn!(%reason, "broker blocked publishing");
+                        self.blocked.store(true, Ordering::Relaxed);
+                        self.metrics.broker_blocked.set(1);
+                    }
+                    Some(lapin::Event::ConnectionUnblocked) => {
+                        info!("broker unblocked publishing");
+                        self.blocked.store(false, Ordering::Relaxed);
+                        self.metrics.broker_blocked.set(0);
+                    }
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+
+    async fn connect(&self, generation: u64) -> anyhow::Result<(Connection, Link)> {
+        let mut uri: AMQPUri = self
+            .config
+            .url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid AMQP URL: {e}"))?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        }
+        let properties =
+            ConnectionProperties::default().with_connection_name("ocrolus-relay".into());
+        let connection = Connection::connect_uri(uri, properties).await?;
+        let mut channels = Vec::with_capacity(self.config.channels);
+        for _ in 0..self.config.channels {
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            channels.push(channel);
+        }
+        if self.config.declare {
+            declare_topology(&channels[0], &self.config).await?;
+        }
+        Ok((
+            connection,
+            Link {
+                generation,
+                channels,
+            },
+        ))
+    }
+}
+
+/// Declares the durable topic exchange and, unless switched off, its
+/// alternate exchange with a durable queue of the same name.
+pub async fn declare_topology(channel: &Channel, config: &BrokerConfig) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let mut arguments = FieldTable::default();
+    if let Some(alternate) = &config.alternate_exchange {
+        channel
+            .exchange_declare(
+                alternate.as_str().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(
+                alternate.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                alternate.as_str().into(),
+                alternate.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        arguments.insert(
+            "alternate-exchange".into(),
+            AMQPValue::LongString(alternate.as_str().into()),
+        );
+    }
+    channel
+        .exchange_declare(
+            config.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            arguments,
+        )
+        .await
+}
+
+/// The AMQP properties and headers of DESIGN.md "The AMQP message".
+pub fn properties(envelope: &Envelope) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    let mut put = |name: &str, value: &str| {
+        headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+    };
+    put("x-ocrolus-event", &envelope.event_name);
+    if let Some(ts) = &envelope.ocrolus_timestamp {
+        put("x-ocrolus-timestamp", ts);
+    }
+    put("x-relay-client-ip", &envelope.client_ip);
+    put(
+        "x-relay-received-at",
+        &rfc3339_millis(envelope.received_at_ms),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(envelope.id.as_str().into())
+        .with_timestamp(u64::try_from(envelope.received_at_ms / 1000).unwrap_or(0))
+        .with_app_id("ocrolus-relay".into())
+        .with_type(envelope.routing_key.as_str().into())
+        .with_headers(headers)
+}
+
+/// `2026-11-26T12:00:00.123Z` from Unix milliseconds.
+pub fn rfc3339_millis(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn close_quietly(connection: Connection) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            connection.close(200, "ocrolus-relay closing".into()),
+        )
+        .await;
+    });
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = BACKOFF_MIN
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(BACKOFF_MAX);
+        self.attempt = self.attempt.saturating_add(1);
+        let jittered = rand::rng().random_range(
+            BACKOFF_MIN.as_millis()..=ceiling.as_millis().max(BACKOFF_MIN.as_millis()),
+        );
+        Duration::from_millis(u64::try_from(jittered).unwrap_or(u64::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formatting() {
+        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_millis(1_767_225_600_123),
+            "2026-01-01T00:00:00.123Z"
+        );
+        assert_eq!(rfc3339_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut b = Backoff::default();
+        for _ in 0..40 {
+            let d = b.next_delay();
+            assert!(d >= BACKOFF_MIN && d <= BACKOFF_MAX, "{d:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_MIN);
+    }
+
+    #[test]
+    fn properties_follow_the_design() {
+        let env = Envelope {
+            id: "req-1".into(),
+            routing_key: "book.verified".into(),
+            event_name: "BOOK_VERIFIED".into(),
+            ocrolus_timestamp: Some("1767225600".into()),
+            client_ip: "18.205.30.63".into(),
+            received_at_ms: 1_767_225_600_500,
+            body: bytes::Bytes::from_static(b"{}"),
+        };
+        let p = properties(&env);
+        assert_eq!(p.delivery_mode(), &Some(2));
+        assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("req-1"));
+        assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some("book.verified"));
+        assert_eq!(p.timestamp(), &Some(1_767_225_600));
+        let headers = p.headers().as_ref().expect("headers");
+        assert!(headers.inner().contains_key("x-ocrolus-event"));
+        assert!(headers.inner().contains_key("x-relay-received-at"));
+    }
+}

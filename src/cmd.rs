@@ -1,0 +1,7 @@
+//! Subcommand implementations.
+
+pub mod check_config;
+pub mod send_test;
+pub mod serve;
+pub mod spool;
+pub mod tail;

@@ -1,0 +1,119 @@
+//! `spool stats|list|replay`: inspect the spool of a stopped relay, or push
+//! its events to the broker by hand (the running relay drains it itself).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::config::BrokerConfig;
+use crate::metrics::Metrics;
+use crate::spool::SpoolFile;
+
+#[derive(Debug, clap::Args)]
+pub struct SpoolArgs {
+    #[arg(long, env = "RELAY_SPOOL_DIR", default_value = "spool")]
+    pub spool_dir: PathBuf,
+    #[command(subcommand)]
+    pub action: SpoolAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpoolAction {
+    /// Count and size of spooled events, age of the oldest.
+    Stats,
+    /// Print spooled events as JSON lines (oldest first).
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Publish every spooled event (with confirms) and remove each confirmed one.
+    Replay {
+        #[arg(
+            long,
+            env = "RELAY_AMQP_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+            hide_default_value = true
+        )]
+        amqp_url: String,
+        #[arg(long, env = "RELAY_EXCHANGE", default_value = "ocrolus.events")]
+        exchange: String,
+    },
+}
+
+pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
+    let spool = SpoolFile::open(&args.spool_dir).with_context(|| {
+        format!(
+            "opening the spool in {} (is a relay still running on it?)",
+            args.spool_dir.display()
+        )
+    })?;
+    match args.action {
+        SpoolAction::Stats => {
+            let s = spool.stats()?;
+            let age = s.oldest_ms.map(|ms| (crate::now_ms() - ms) / 1000);
+            println!(
+                "{}",
+                json!({ "messages": s.messages, "bytes": s.bytes, "oldest_age_seconds": age })
+            );
+        }
+        SpoolAction::List { limit } => {
+            for (key, e) in spool.list(limit)? {
+                println!(
+                    "{}",
+                    json!({
+                        "seq": key, "id": e.id, "routing_key": e.routing_key, "event": e.event_name,
+                        "client_ip": e.client_ip, "received_at_ms": e.received_at_ms,
+                        "body": String::from_utf8_lossy(&e.body),
+                    })
+                );
+            }
+        }
+        SpoolAction::Replay { amqp_url, exchange } => {
+            let broker = Broker::new(
+                BrokerConfig {
+                    url: amqp_url,
+                    exchange,
+                    alternate_exchange: None,
+                    declare: false,
+                    confirm_timeout: Duration::from_secs(5),
+                    channels: 1,
+                },
+                Arc::new(Metrics::new()),
+            );
+            let stop = CancellationToken::new();
+            let supervisor = tokio::spawn(broker.clone().supervise(stop.clone()));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            while !broker.is_up() {
+                if tokio::time::Instant::now() > deadline {
+                    bail!("broker not reachable");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut replayed = 0;
+            loop {
+                let batch = spool.list(256)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for (key, envelope) in batch {
+                    broker
+                        .publish_ordered(&envelope)
+                        .await
+                        .with_context(|| format!("publishing spooled event {}", envelope.id))?;
+                    spool.remove(&[key])?;
+                    replayed += 1;
+                }
+            }
+            stop.cancel();
+            let _ = supervisor.await;
+            println!("{}", json!({ "replayed": replayed }));
+        }
+    }
+    Ok(())
+}

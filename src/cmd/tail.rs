@@ -1,0 +1,128 @@
+//! `tail`: bind a temporary, exclusive queue to the exchange and print each
+//! event as one JSON line, exactly as consumers receive it.
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use serde_json::{Map, Value, json};
+
+#[derive(Debug, clap::Args)]
+pub struct TailArgs {
+    #[arg(
+        long,
+        env = "RELAY_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = true
+    )]
+    pub amqp_url: String,
+    #[arg(long, env = "RELAY_EXCHANGE", default_value = "ocrolus.events")]
+    pub exchange: String,
+    /// Binding pattern (repeatable), e.g. 'document.#'.
+    #[arg(long = "binding", default_value = "#")]
+    pub bindings: Vec<String>,
+    /// Exit after this many events.
+    #[arg(long)]
+    pub max: Option<u64>,
+}
+
+pub async fn run(args: TailArgs) -> anyhow::Result<()> {
+    let connection = Connection::connect(&args.amqp_url, ConnectionProperties::default())
+        .await
+        .context("connecting to the broker")?;
+    let channel = connection.create_channel().await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for binding in &args.bindings {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                args.exchange.as_str().into(),
+                binding.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("binding to exchange {}", args.exchange))?;
+    }
+    eprintln!(
+        "tailing exchange {} with {:?}",
+        args.exchange, args.bindings
+    );
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "ocrolus-relay-tail".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let mut seen = 0;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery?;
+        println!("{}", render(&delivery));
+        seen += 1;
+        if args.max.is_some_and(|max| seen >= max) {
+            break;
+        }
+    }
+    let _ = connection.close(200, "tail done".into()).await;
+    Ok(())
+}
+
+/// One delivery as a JSON line: routing key, properties, headers, body.
+pub fn render(delivery: &lapin::message::Delivery) -> Value {
+    let p = &delivery.properties;
+    let text = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    let headers: Map<String, Value> = p
+        .headers()
+        .as_ref()
+        .map(|h| {
+            h.inner()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), amqp_value(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let body = match serde_json::from_slice::<Value>(&delivery.data) {
+        Ok(json) => json,
+        Err(_) => Value::String(String::from_utf8_lossy(&delivery.data).into_owned()),
+    };
+    json!({
+        "routing_key": delivery.routing_key.as_str(),
+        "exchange": delivery.exchange.as_str(),
+        "message_id": text(p.message_id()),
+        "type": text(p.kind()),
+        "timestamp": p.timestamp(),
+        "delivery_mode": p.delivery_mode(),
+        "headers": headers,
+        "body": body,
+    })
+}
+
+fn amqp_value(v: &AMQPValue) -> Value {
+    match v {
+        AMQPValue::LongString(s) => {
+            Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::LongLongInt(i) => json!(i),
+        AMQPValue::LongInt(i) => json!(i),
+        AMQPValue::Timestamp(t) => json!(t),
+        other => Value::String(format!("{other:?}")),
+    }
+}

@@ -1,0 +1,469 @@
+//! Command-line flags (each with a `RELAY_*` environment twin) and their
+//! validation into one [`Config`]. Everything is parsed and checked once, at
+//! start or on reload; nothing downstream sees a raw string it must re-check.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::auth::{AuthPolicy, BasicCredentials, Secrets};
+use crate::event::EventTable;
+use crate::net::NetPolicy;
+
+/// Development HMAC secret printed by `serve --dev` and used by
+/// `send-test --dev`. Only ever accepted on a loopback-only listener.
+pub const DEV_SECRET: &str = "ocrolus-relay-development-secret";
+
+/// Where `--dev` listens: loopback only, plaintext.
+pub const DEV_LISTEN: &str = "127.0.0.1:8080";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags shared by `serve` and `check-config`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Public webhook listener.
+    #[arg(long, env = "RELAY_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Admin listener: /metrics, /livez, /readyz.
+    #[arg(long, env = "RELAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// PEM certificate chain (leaf first).
+    #[arg(long, env = "RELAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "RELAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTP without TLS (only behind a TLS-terminating proxy).
+    #[arg(long, env = "RELAY_PLAINTEXT")]
+    pub plaintext: bool,
+    /// Network policy: allowed client CIDRs and trusted proxies.
+    #[arg(long, env = "RELAY_ALLOWLIST", default_value = "allowlist.yaml")]
+    pub allowlist: PathBuf,
+    /// Expect a PROXY protocol (v1 or v2) header on every connection.
+    #[arg(long, env = "RELAY_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+    /// RabbitMQ URL (amqp:// or amqps://).
+    #[arg(
+        long,
+        env = "RELAY_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = true
+    )]
+    pub amqp_url: String,
+    /// Topic exchange the events are published to.
+    #[arg(long, env = "RELAY_EXCHANGE", default_value = "ocrolus.events")]
+    pub exchange: String,
+    /// Alternate exchange (and queue) for events nobody is bound to; '' = none.
+    #[arg(
+        long,
+        env = "RELAY_ALTERNATE_EXCHANGE",
+        default_value = "ocrolus.events.unrouted"
+    )]
+    pub alternate_exchange: String,
+    /// Do not declare the exchanges at start (they are managed elsewhere).
+    #[arg(long, env = "RELAY_NO_DECLARE")]
+    pub no_declare: bool,
+    /// Seconds to wait for a publisher confirm before spooling.
+    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT", default_value = "2", value_parser = parse_secs)]
+    pub confirm_timeout: Duration,
+    /// Confirm-mode channels used for publishing, round robin.
+    #[arg(long, env = "RELAY_PUBLISH_CHANNELS", default_value_t = 4)]
+    pub publish_channels: usize,
+    /// Path of the webhook endpoint.
+    #[arg(long, env = "RELAY_WEBHOOK_PATH", default_value = "/webhooks/ocrolus")]
+    pub webhook_path: String,
+    /// HMAC secrets, one per line (several during rotation). RELAY_WEBHOOK_SECRETS=a,b also works.
+    #[arg(long, env = "RELAY_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// HTTP Basic credentials, `user:password` per line.
+    #[arg(long, env = "RELAY_BASIC_AUTH_FILE")]
+    pub basic_auth_file: Option<PathBuf>,
+    /// Accept deliveries without any authentication. Development only.
+    #[arg(long, env = "RELAY_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// Accepted clock difference for Webhook-Timestamp, in seconds.
+    #[arg(long, env = "RELAY_TIMESTAMP_TOLERANCE", default_value = "300", value_parser = parse_secs)]
+    pub timestamp_tolerance: Duration,
+    /// Extra event aliases `NAME=routing.key` (repeatable, or comma-separated in the env).
+    #[arg(
+        long = "event-alias",
+        env = "RELAY_EVENT_ALIASES",
+        value_delimiter = ','
+    )]
+    pub event_aliases: Vec<String>,
+    /// Embedded spool directory (durable outbox).
+    #[arg(long, env = "RELAY_SPOOL_DIR", default_value = "spool")]
+    pub spool_dir: PathBuf,
+    /// Spool bound in bytes of stored events.
+    #[arg(long, env = "RELAY_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
+    pub spool_max_bytes: u64,
+    /// Spool bound in number of events.
+    #[arg(long, env = "RELAY_SPOOL_MAX_EVENTS", default_value_t = 1_000_000)]
+    pub spool_max_events: u64,
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "RELAY_MAX_BODY", default_value_t = 1 << 20)]
+    pub max_body: usize,
+    /// Seconds allowed to send the request headers (also closes idle HTTP/1 keep-alive connections).
+    #[arg(long, env = "RELAY_HEADER_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub header_timeout: Duration,
+    /// Seconds allowed to send the request body.
+    #[arg(long, env = "RELAY_BODY_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    pub body_timeout: Duration,
+    /// Maximum open client connections; more are closed at once.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Maximum requests being processed at once; more get 503.
+    #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// Requests per second allowed from one client address (IPv6: per /64).
+    #[arg(long, env = "RELAY_RATE_LIMIT_PER_IP", default_value_t = 200)]
+    pub rate_limit_per_ip: u32,
+    /// Requests per second allowed in total.
+    #[arg(long, env = "RELAY_RATE_LIMIT_GLOBAL", default_value_t = 2000)]
+    pub rate_limit_global: u32,
+    /// Burst size, as a multiple of one second's rate.
+    #[arg(long, env = "RELAY_RATE_LIMIT_BURST", default_value_t = 2)]
+    pub rate_limit_burst: u32,
+    /// Seconds a delivery id is remembered for de-duplication (0 = off).
+    #[arg(long, env = "RELAY_DEDUP_WINDOW", default_value = "3600", value_parser = parse_secs)]
+    pub dedup_window: Duration,
+    /// Most delivery ids remembered for de-duplication.
+    #[arg(long, env = "RELAY_DEDUP_CAPACITY", default_value_t = 200_000)]
+    pub dedup_capacity: usize,
+    /// Seconds to keep serving after SIGTERM while readiness is already 503.
+    #[arg(long, env = "RELAY_SHUTDOWN_GRACE", default_value = "0", value_parser = parse_secs)]
+    pub shutdown_grace: Duration,
+    /// Seconds requests in flight get to finish after the listener closed.
+    #[arg(long, env = "RELAY_SHUTDOWN_DEADLINE", default_value = "25", value_parser = parse_secs)]
+    pub shutdown_deadline: Duration,
+    /// Log format.
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Quick start: plaintext on 127.0.0.1:8080, loopback clients only, a
+    /// printed development secret.
+    #[arg(long, env = "RELAY_DEV")]
+    pub dev: bool,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(0.0..=86_400.0 * 365.0).contains(&secs) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A configuration problem, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+/// Files the relay reads at start and again on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub allowlist: Option<PathBuf>,
+    pub secret_file: Option<PathBuf>,
+    pub secrets_env: Option<String>,
+    pub basic_auth_file: Option<PathBuf>,
+    pub tls: Option<TlsPaths>,
+    pub insecure_no_auth: bool,
+    pub dev: bool,
+    pub timestamp_tolerance: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The part of the configuration that SIGHUP swaps atomically.
+#[derive(Debug)]
+pub struct Policy {
+    pub net: NetPolicy,
+    pub auth: AuthPolicy,
+}
+
+impl Sources {
+    /// Reads and validates the reloadable files.
+    pub fn load_policy(&self) -> Result<Policy, ConfigError> {
+        let net = match (&self.allowlist, self.dev) {
+            (Some(path), _) => NetPolicy::load(path)?,
+            (None, true) => NetPolicy::loopback_only(),
+            (None, false) => return Err(ConfigError::new("no allowlist given")),
+        };
+        let mut secrets = match &self.secret_file {
+            Some(path) => Secrets::load(path)?,
+            None => Secrets::default(),
+        };
+        if let Some(list) = &self.secrets_env {
+            secrets.extend(Secrets::parse(list, "RELAY_WEBHOOK_SECRETS", ',')?);
+        }
+        if self.dev && secrets.is_empty() && self.basic_auth_file.is_none() {
+            secrets.extend(Secrets::parse(DEV_SECRET, "the development secret", ',')?);
+        }
+        let basic = match &self.basic_auth_file {
+            Some(path) => BasicCredentials::load(path)?,
+            None => BasicCredentials::default(),
+        };
+        let auth = AuthPolicy::new(
+            secrets,
+            basic,
+            self.timestamp_tolerance,
+            self.insecure_no_auth,
+        )?;
+        Ok(Policy { net, auth })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub url: String,
+    pub exchange: String,
+    pub alternate_exchange: Option<String>,
+    pub declare: bool,
+    pub confirm_timeout: Duration,
+    pub channels: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub max_events: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    pub rate_per_ip: u32,
+    pub rate_global: u32,
+    pub rate_burst: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct DedupConfig {
+    pub window: Duration,
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    pub grace: Duration,
+    pub deadline: Duration,
+}
+
+/// The validated configuration of `serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub proxy_protocol: bool,
+    pub webhook_path: String,
+    pub sources: Sources,
+    pub broker: BrokerConfig,
+    pub spool: SpoolConfig,
+    pub limits: Limits,
+    pub dedup: DedupConfig,
+    pub shutdown: ShutdownConfig,
+    pub events: EventTable,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Validates the flags. `secrets_env` is `RELAY_WEBHOOK_SECRETS`, passed in
+    /// so tests never mutate the process environment.
+    pub fn from_args(args: &ServeArgs, secrets_env: Option<String>) -> Result<Self, ConfigError> {
+        let mut listen = args.listen;
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsPaths {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::new(
+                    "--tls-cert and --tls-key must be given together",
+                ));
+            }
+        };
+        if args.dev {
+            if tls.is_some() {
+                return Err(ConfigError::new("--dev serves plaintext; drop --tls-*"));
+            }
+            if listen == default_listen() {
+                listen = DEV_LISTEN
+                    .parse()
+                    .map_err(|_| ConfigError::new("bad development address"))?;
+            }
+            if !listen.ip().is_loopback() {
+                return Err(ConfigError::new(format!(
+                    "--dev listens on loopback only, not {listen}"
+                )));
+            }
+        } else if tls.is_none() && !args.plaintext {
+            return Err(ConfigError::new(
+                "TLS needs --tls-cert and --tls-key; pass --plaintext to serve HTTP behind a TLS-terminating proxy (or --dev for a local trial)",
+            ));
+        }
+        if args.insecure_no_auth && !args.dev && !listen.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "--insecure-no-auth is only allowed with --dev or a loopback --listen",
+            ));
+        }
+        if !args.webhook_path.starts_with('/') {
+            return Err(ConfigError::new(format!(
+                "--webhook-path must start with '/': {:?}",
+                args.webhook_path
+            )));
+        }
+        check_exchange_name("--exchange", &args.exchange)?;
+        let alternate_exchange = match args.alternate_exchange.as_str() {
+            "" => None,
+            name => {
+                check_exchange_name("--alternate-exchange", name)?;
+                if name == args.exchange {
+                    return Err(ConfigError::new(
+                        "--alternate-exchange must differ from --exchange",
+                    ));
+                }
+                Some(name.to_owned())
+            }
+        };
+        args.amqp_url
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(|e| ConfigError::new(format!("--amqp-url: {e}")))?;
+        if args.publish_channels == 0 || args.publish_channels > 64 {
+            return Err(ConfigError::new("--publish-channels must be 1..=64"));
+        }
+        if args.max_body == 0 || args.max_connections == 0 || args.max_in_flight == 0 {
+            return Err(ConfigError::new(
+                "--max-body, --max-connections and --max-in-flight must be positive",
+            ));
+        }
+        if args.rate_limit_per_ip == 0 || args.rate_limit_global == 0 || args.rate_limit_burst == 0
+        {
+            return Err(ConfigError::new("rate limits must be positive"));
+        }
+        if args.confirm_timeout.is_zero() {
+            return Err(ConfigError::new("--confirm-timeout must be positive"));
+        }
+        let allowlist = if args.dev && !args.allowlist.exists() {
+            None
+        } else if args.dev && args.allowlist == Path::new("allowlist.yaml") {
+            // The shipped allowlist names Ocrolus' addresses, which never reach
+            // a loopback listener: the quick start accepts loopback clients.
+            None
+        } else {
+            Some(args.allowlist.clone())
+        };
+        let config = Config {
+            listen,
+            admin_listen: args.admin_listen,
+            proxy_protocol: args.proxy_protocol,
+            webhook_path: args.webhook_path.clone(),
+            sources: Sources {
+                allowlist,
+                secret_file: args.secret_file.clone(),
+                secrets_env,
+                basic_auth_file: args.basic_auth_file.clone(),
+                tls,
+                insecure_no_auth: args.insecure_no_auth,
+                dev: args.dev,
+                timestamp_tolerance: args.timestamp_tolerance,
+            },
+            broker: BrokerConfig {
+                url: args.amqp_url.clone(),
+                exchange: args.exchange.clone(),
+                alternate_exchange,
+                declare: !args.no_declare,
+                confirm_timeout: args.confirm_timeout,
+                channels: args.publish_channels,
+            },
+            spool: SpoolConfig {
+                dir: args.spool_dir.clone(),
+                max_bytes: args.spool_max_bytes,
+                max_events: args.spool_max_events,
+            },
+            limits: Limits {
+                max_body: args.max_body,
+                header_timeout: args.header_timeout,
+                body_timeout: args.body_timeout,
+                max_connections: args.max_connections,
+                max_in_flight: args.max_in_flight,
+                rate_per_ip: args.rate_limit_per_ip,
+                rate_global: args.rate_limit_global,
+                rate_burst: args.rate_limit_burst,
+            },
+            dedup: DedupConfig {
+                window: args.dedup_window,
+                capacity: args.dedup_capacity,
+            },
+            shutdown: ShutdownConfig {
+                grace: args.shutdown_grace,
+                deadline: args.shutdown_deadline,
+            },
+            events: EventTable::with_aliases(&args.event_aliases)?,
+            log_format: args.log_format,
+        };
+        Ok(config)
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+
+fn check_exchange_name(flag: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(format!(
+            "{flag}: {name:?} is not a valid exchange name"
+        )))
+    }
+}
+
+impl From<String> for ConfigError {
+    fn from(msg: String) -> Self {
+        Self(msg)
+    }
+}
+
+/// Strips the password from an AMQP URL for logs and summaries.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
