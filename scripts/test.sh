@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every test of the project: Rust unit and integration tests against the
+# local RabbitMQ, the deploy-file checks (promtool, systemd, YAML/JSON), the
+# RabbitMQ topology import test and the AsyncAPI / Python consumer checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/ensure-rabbitmq.sh
+
+echo "== cargo test"
+cargo test --all-targets --locked
+
+echo "== deploy files"
+bash deploy/check.sh
+
+echo "== RabbitMQ topology (deploy/rabbitmq/definitions.json)"
+bash deploy/rabbitmq/import_test.sh
+
+echo "== AsyncAPI document and examples"
+python3 -m pip install -q --disable-pip-version-check -r docs/requirements.txt >/dev/null 2>&1 || true
+python3 docs/validate_asyncapi.py
+
+echo "all checks passed"
