@@ -92,7 +92,7 @@ LEGACY_STATUS_MAP: dict[str, str] = {
 EXAMPLE_HEADER_COMMON = {
     "x-ocrolus-timestamp": "1767225600",
     "x-relay-client-ip": "18.205.30.63",
-    "x-relay-received-at": "2026-01-01T00:00:01Z",
+    "x-relay-received-at": "2026-01-01T00:00:01.250Z",
 }
 
 
@@ -199,6 +199,9 @@ event is fsynced in the relay's local spool.
    `MIDDESK_VERIFIED` or `SUSPICIOUS_ACTIVITY` take this path.
 5. Nothing usable: the relay answers 400 and publishes nothing.
 
+Operators can add account-level names to the built-in table with
+`--event-alias NAME=routing.key`; this document describes the built-in table.
+
 The name as sent (or, for rule 3, the status it came from) is kept in the
 `x-ocrolus-event` header, so one binding such as `document.#` catches
 organization-level, account-level and legacy deliveries alike.
@@ -207,7 +210,8 @@ organization-level, account-level and legacy deliveries alike.
 
 * body: the raw Ocrolus request bytes, unchanged (never re-serialised);
 * properties: `delivery_mode` 2 (persistent), `content_type`
-  `application/json`, `message_id` = the `Webhook-Request-Id` of the delivery,
+  `application/json`, `message_id` = the `Webhook-Request-Id` of the delivery
+  (a fresh UUIDv7 when an unsigned delivery carries none),
   `timestamp` = receive time (Unix seconds), `app_id` `ocrolus-relay`, `type` =
   the routing key (see `x-ocrolus-amqp-properties`);
 * headers: `x-ocrolus-event`, `x-ocrolus-timestamp`, `x-relay-client-ip`,
@@ -346,7 +350,7 @@ RELAY_HEADERS = {
         "x-relay-received-at": {
             "type": "string",
             "format": "date-time",
-            "description": "Receive time, RFC 3339 in UTC (e.g. 2026-01-01T00:00:01Z).",
+            "description": "Receive time, RFC 3339 in UTC with milliseconds (e.g. 2026-01-01T00:00:01.250Z).",
         },
     },
 }
@@ -355,7 +359,8 @@ AMQP_PROPERTIES = {
     "delivery_mode": {"value": 2, "description": "Persistent."},
     "content_type": {"value": "application/json", "description": "The body is the raw Ocrolus JSON."},
     "message_id": {"description": "The Webhook-Request-Id header of the delivery (unique per Ocrolus "
-                                  "delivery); de-duplicate on it."},
+                                  "delivery); de-duplicate on it. A delivery without one (unsigned, "
+                                  "Basic-auth-only setups) gets a fresh UUIDv7 from the relay."},
     "timestamp": {"description": "Time the relay received the delivery, Unix seconds."},
     "app_id": {"value": "ocrolus-relay"},
     "type": {"description": "The routing key (same as the message's routing key)."},
