@@ -158,6 +158,7 @@ def main(argv: list[str]) -> int:
             c.check(False, f"$ref {ref} at {path} resolves")
 
     # Generated file is current (compared as data, not bytes).
+    sys.dont_write_bytecode = True
     sys.path.insert(0, str(HERE))
     try:
         import gen_asyncapi  # noqa: PLC0415
