@@ -13,11 +13,16 @@ cargo test --all-targets --locked
 echo "== deploy files"
 bash deploy/check.sh
 
+echo "== Python tools (PyYAML, jsonschema, pika)"
+python3 -m pip install -q --disable-pip-version-check -r docs/requirements.txt -r examples/requirements.txt
+
 echo "== RabbitMQ topology (deploy/rabbitmq/definitions.json)"
-bash deploy/rabbitmq/import_test.sh
+REQUIRE_BEHAVIOUR=1 bash deploy/rabbitmq/import_test.sh
 
 echo "== AsyncAPI document and examples"
-python3 -m pip install -q --disable-pip-version-check -r docs/requirements.txt >/dev/null 2>&1 || true
 python3 docs/validate_asyncapi.py
+
+echo "== Python example consumer"
+python3 docs/check_consumer_example.py
 
 echo "all checks passed"
