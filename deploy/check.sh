@@ -123,6 +123,31 @@ fi
 # --------------------------------------------------------------------------
 # Prometheus
 # --------------------------------------------------------------------------
+# Grafana queries are PromQL with template variables: substitute them and let
+# promtool parse each one as a recording rule, so a typo fails here and not
+# on a dashboard.
+check_dashboard_promql() {
+  python3 - "$TMP/dashboard-rules.yml" <<'PY'
+import json, sys, yaml
+d = json.load(open("grafana/dashboards/ocrolus-relay.json"))
+subs = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h",
+        "${job}": ".*", "${instance}": ".*", "$job": ".*", "$instance": ".*"}
+def panels(ps):
+    for p in ps:
+        yield p
+        yield from panels(p.get("panels", []))
+exprs = [t["expr"] for p in panels(d["panels"]) for t in p.get("targets", []) if t.get("expr")]
+exprs += [a["expr"] for a in d.get("annotations", {}).get("list", []) if a.get("expr")]
+rules = []
+for i, e in enumerate(exprs):
+    for k, v in subs.items():
+        e = e.replace(k, v)
+    rules.append({"record": f"dashboard:query_{i}", "expr": e})
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[1], "w"))
+PY
+  promtool check rules "$TMP/dashboard-rules.yml"
+}
+
 if [[ -n "$HAVE_PROMTOOL" ]]; then
   echo "-- promtool: $(promtool --version 2>&1 | head -n 1)"
   run "promtool check config deploy/prometheus/prometheus.yml" \
@@ -131,6 +156,7 @@ if [[ -n "$HAVE_PROMTOOL" ]]; then
     promtool check rules deploy/prometheus/alerts.yml
   run "promtool test rules deploy/prometheus/alerts_test.yml" \
     promtool test rules deploy/prometheus/alerts_test.yml
+  run "promtool parses every dashboard query (as recording rules)" check_dashboard_promql
 else
   fail "promtool not found and Debian's prometheus package could not be installed"
 fi
