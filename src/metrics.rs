@@ -9,6 +9,22 @@ use prometheus::{
 
 const PREFIX: &str = "ocrolus_relay";
 
+/// Every value of the `outcome` label of `requests_total`.
+pub const OUTCOMES: [&str; 12] = [
+    "published",
+    "spooled",
+    "duplicate",
+    "forbidden",
+    "unauthorized",
+    "bad_request",
+    "not_found",
+    "method_not_allowed",
+    "payload_too_large",
+    "rate_limited",
+    "timeout",
+    "unavailable",
+];
+
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
@@ -139,6 +155,17 @@ impl Metrics {
             ready: gauge(r, "ready", "1 while /readyz answers 200."),
             registry,
         };
+        // Known label values start at 0, so a series exists (and rate() and
+        // alerts work) before the first event of its kind.
+        for outcome in OUTCOMES {
+            m.requests.with_label_values(&[outcome]);
+        }
+        for reason in ["nack", "returned", "timeout", "disconnected", "blocked"] {
+            m.publish_failures.with_label_values(&[reason]);
+        }
+        for result in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[result]);
+        }
         let info = IntGaugeVec::new(
             Opts::new("build_info", "Build information; always 1."),
             &["version"],
