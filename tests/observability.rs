@@ -1,0 +1,641 @@
+//! Issue 6: what operators see. Metrics move by exactly what happened and
+//! never carry client addresses or delivery ids; the dashboard and alert
+//! rules only name metrics the relay exports; the admin endpoints answer;
+//! `tail` prints what consumers receive; `check-config` accepts a good
+//! configuration and refuses bad ones with exit 64.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+
+const RELAXED_LIMITS: [&str; 8] = [
+    // Sequential requests from one address must never meet the rate limiter.
+    "--rate-limit-per-ip",
+    "100000",
+    "--rate-limit-global",
+    "100000",
+    "--rate-limit-burst",
+    "1000",
+    "--max-body",
+    "4096",
+];
+
+fn relaxed() -> Vec<String> {
+    RELAXED_LIMITS.iter().map(|s| s.to_string()).collect()
+}
+
+/// `name{labels}` → value, for every sample line of a scrape.
+fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of every sample of metric `name` (all label sets).
+fn total(text: &str, name: &str) -> f64 {
+    samples(text)
+        .iter()
+        .filter(|(series, _)| series == name || series.starts_with(&format!("{name}{{")))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The metric names a scrape declares in its `# TYPE` lines, with their types.
+fn exported(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let (name, kind) = l.split_once(' ')?;
+            Some((name.to_owned(), kind.trim().to_owned()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_move_by_exactly_what_happened() {
+    let relay = TestRelay::start(RelayOptions {
+        extra: relaxed(),
+        ..RelayOptions::default()
+    })
+    .await;
+    // A second relay whose allowlist excludes 127.0.0.1: every request is forbidden.
+    let closed = TestRelay::start(RelayOptions {
+        allow: vec!["10.0.0.0/8".into()],
+        extra: relaxed(),
+        ..RelayOptions::default()
+    })
+    .await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let before = relay.metrics().await;
+    let closed_before = closed.metrics().await;
+
+    let verified = br#"{"event_name":"book.verified","book_uuid":"b-1"}"#;
+    let unknown = br#"{"event_name":"book.not_yet_invented"}"#;
+    let (id1, id2, id3) = (new_id(), new_id(), new_id());
+    let mut sent_ids = vec![id1.clone(), id2.clone(), id3.clone()];
+
+    // published ×3 (two book.verified, one unknown event → label "other")
+    for (id, body) in [(&id1, &verified[..]), (&id2, verified), (&id3, unknown)] {
+        let (status, _, answer) = post_signed(&relay, id, body).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    }
+    // duplicate ×1
+    let (status, _, answer) = post_signed(&relay, &id1, verified).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&answer).contains("duplicate"));
+    // unauthorized ×1 (bad_signature)
+    let bad_id = new_id();
+    sent_ids.push(bad_id.clone());
+    let headers = signed_headers(
+        "not-the-configured-secret-000",
+        &bad_id,
+        now_secs(),
+        verified,
+    );
+    let (status, _, _) = request("POST", &relay.url, &headers, Bytes::from_static(verified)).await;
+    assert_eq!(status, 401);
+    // bad_request ×1 (invalid_json)
+    let json_id = new_id();
+    sent_ids.push(json_id.clone());
+    let (status, _, _) = post_signed(&relay, &json_id, b"{not json").await;
+    assert_eq!(status, 400);
+    // not_found ×1
+    let other_url = relay.url.replace("/webhooks/ocrolus", "/webhooks/other");
+    let nf_id = new_id();
+    sent_ids.push(nf_id.clone());
+    let headers = signed_headers(SECRET, &nf_id, now_secs(), verified);
+    let (status, _, _) = request("POST", &other_url, &headers, Bytes::from_static(verified)).await;
+    assert_eq!(status, 404);
+    // method_not_allowed ×1
+    let (status, _, _) = get(&relay.url).await;
+    assert_eq!(status, 405);
+    // payload_too_large ×1 (declared Content-Length over --max-body)
+    let big = vec![b' '; 5000];
+    let big_id = new_id();
+    sent_ids.push(big_id.clone());
+    let headers = signed_headers(SECRET, &big_id, now_secs(), &big);
+    let (status, _, _) = request("POST", &relay.url, &headers, Bytes::from(big)).await;
+    assert_eq!(status, 413);
+    // forbidden ×1, on the second relay
+    let fb_id = new_id();
+    sent_ids.push(fb_id.clone());
+    let headers = signed_headers(SECRET, &fb_id, now_secs(), verified);
+    let (status, _, _) = request("POST", &closed.url, &headers, Bytes::from_static(verified)).await;
+    assert_eq!(status, 403);
+
+    let after = relay.metrics().await;
+    let closed_after = closed.metrics().await;
+    let delta = |series: &str| metric_value(&after, series) - metric_value(&before, series);
+
+    let outcomes = [
+        ("published", 3.0),
+        ("duplicate", 1.0),
+        ("unauthorized", 1.0),
+        ("bad_request", 1.0),
+        ("not_found", 1.0),
+        ("method_not_allowed", 1.0),
+        ("payload_too_large", 1.0),
+        ("forbidden", 0.0),
+        ("spooled", 0.0),
+        ("rate_limited", 0.0),
+        ("unavailable", 0.0),
+    ];
+    for (outcome, n) in outcomes {
+        let series = format!(r#"ocrolus_relay_requests_total{{outcome="{outcome}"}}"#);
+        assert_eq!(delta(&series), n, "{series}\n{after}");
+        let count =
+            format!(r#"ocrolus_relay_request_duration_seconds_count{{outcome="{outcome}"}}"#);
+        assert_eq!(delta(&count), n, "{count}");
+    }
+    let requests = 9.0;
+    assert_eq!(
+        total(&after, "ocrolus_relay_requests_total")
+            - total(&before, "ocrolus_relay_requests_total"),
+        requests,
+        "no other outcome moved"
+    );
+    assert_eq!(
+        total(&after, "ocrolus_relay_request_duration_seconds_count")
+            - total(&before, "ocrolus_relay_request_duration_seconds_count"),
+        requests,
+        "one latency observation per request"
+    );
+
+    let reasons = [
+        ("bad_signature", 1.0),
+        ("invalid_json", 1.0),
+        ("not_found", 1.0),
+        ("method_not_allowed", 1.0),
+        ("declared_too_large", 1.0),
+        ("not_allowlisted", 0.0),
+    ];
+    for (reason, n) in reasons {
+        let series = format!(r#"ocrolus_relay_rejections_total{{reason="{reason}"}}"#);
+        assert_eq!(delta(&series), n, "{series}");
+    }
+    assert_eq!(
+        total(&after, "ocrolus_relay_rejections_total")
+            - total(&before, "ocrolus_relay_rejections_total"),
+        5.0,
+        "published and duplicate are not rejections"
+    );
+
+    assert_eq!(
+        delta(r#"ocrolus_relay_events_published_total{event="book.verified"}"#),
+        2.0
+    );
+    assert_eq!(
+        delta(r#"ocrolus_relay_events_published_total{event="other"}"#),
+        1.0
+    );
+    assert!(
+        !after.contains("book.not_yet_invented"),
+        "unknown event names never become labels"
+    );
+    assert_eq!(
+        delta("ocrolus_relay_publish_confirm_duration_seconds_count"),
+        3.0
+    );
+    assert_eq!(metric_value(&after, "ocrolus_relay_broker_up"), 1.0);
+    assert_eq!(metric_value(&after, "ocrolus_relay_ready"), 1.0);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        metric_value(
+            &after,
+            &format!(r#"ocrolus_relay_build_info{{version="{version}"}}"#)
+        ),
+        1.0
+    );
+
+    // The second relay counted its one request as forbidden / not_allowlisted.
+    let closed_delta =
+        |series: &str| metric_value(&closed_after, series) - metric_value(&closed_before, series);
+    assert_eq!(
+        closed_delta(r#"ocrolus_relay_requests_total{outcome="forbidden"}"#),
+        1.0
+    );
+    assert_eq!(
+        closed_delta(r#"ocrolus_relay_rejections_total{reason="not_allowlisted"}"#),
+        1.0
+    );
+    assert_eq!(
+        total(&closed_after, "ocrolus_relay_requests_total")
+            - total(&closed_before, "ocrolus_relay_requests_total"),
+        1.0
+    );
+
+    // No client address or delivery id ever becomes a label value.
+    for scrape in [&after, &closed_after] {
+        for (series, _) in samples(scrape) {
+            let Some((_, labels)) = series.split_once('{') else {
+                continue;
+            };
+            assert!(
+                !labels.contains("127.0.0.1"),
+                "client IP in a label: {series}"
+            );
+            for id in &sent_ids {
+                assert!(
+                    !labels.contains(id.as_str()),
+                    "delivery id in a label: {series}"
+                );
+            }
+        }
+    }
+
+    // Admin endpoints.
+    let (status, _, body) = get(&format!("http://{}/livez", relay.admin)).await;
+    assert_eq!(status, 200);
+    assert!(!body.is_empty());
+    let (status, headers, body) = get(&format!("http://{}/readyz", relay.admin)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("content-type").map(|v| v.as_bytes()),
+        Some(&b"application/json"[..])
+    );
+    let ready: serde_json::Value = serde_json::from_slice(&body).expect("readyz JSON");
+    assert_eq!(ready["status"], "ready");
+    let (status, _, _) = get(&format!("http://{}/no-such-admin-path", relay.admin)).await;
+    assert_eq!(status, 404);
+    // And nothing of the admin listener is served on the public port.
+    let (status, _, _) = get(&format!("http://{}/metrics", relay.addr)).await;
+    assert_eq!(status, 404);
+
+    let got = broker.drain(&queue, 3, Duration::from_secs(10)).await;
+    assert_eq!(
+        got.len(),
+        3,
+        "exactly the three published events reached the queue"
+    );
+
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    closed.cleanup(&broker).await;
+    relay.shutdown().await;
+    closed.shutdown().await;
+}
+
+/// Metric names in a PromQL expression.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = expr[i..].find("ocrolus_relay_") {
+        let start = i + pos;
+        let boundary = start == 0 || {
+            let b = bytes[start - 1];
+            !(b.is_ascii_alphanumeric() || b == b'_')
+        };
+        let mut end = start + "ocrolus_relay_".len();
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'_')
+        {
+            end += 1;
+        }
+        if boundary {
+            names.insert(expr[start..end].to_owned());
+        }
+        i = end;
+    }
+    names
+}
+
+/// Every panel target `expr`, recursively through rows' panels.
+fn dashboard_exprs(panels: &serde_json::Value, title: &str, out: &mut Vec<(String, String)>) {
+    for panel in panels.as_array().into_iter().flatten() {
+        let where_ = format!(
+            "{title} / {}",
+            panel
+                .get("title")
+                .and_then(|t| t.as_str())
+                .unwrap_or("(untitled)")
+        );
+        for target in panel
+            .get("targets")
+            .and_then(|t| t.as_array())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(expr) = target.get("expr").and_then(|e| e.as_str()) {
+                out.push((where_.clone(), expr.to_owned()));
+            }
+        }
+        if let Some(inner) = panel.get("panels") {
+            dashboard_exprs(inner, &where_, out);
+        }
+    }
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+#[tokio::test]
+async fn dashboards_and_alerts_use_only_exported_metrics() {
+    // Vec metrics appear in a scrape only once a label set exists: exercise
+    // every family. No alternate exchange, so an event nobody binds comes
+    // back (publish failure "returned") and is spooled.
+    let mut extra = relaxed();
+    extra.extend(["--alternate-exchange".into(), String::new()]);
+    let relay = TestRelay::start(RelayOptions {
+        extra,
+        ..RelayOptions::default()
+    })
+    .await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "book.#").await;
+    let (status, _, _) = post_signed(&relay, &new_id(), br#"{"event_name":"book.verified"}"#).await;
+    assert_eq!(status, 200);
+    let (status, _, answer) = post_signed(
+        &relay,
+        &new_id(),
+        br#"{"event_name":"plaid.upload_failed"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        String::from_utf8_lossy(&answer).contains("spooled"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let (status, _, _) = post_signed(&relay, &new_id(), b"{not json").await;
+    assert_eq!(status, 400);
+    relay
+        .relay()
+        .state()
+        .reload()
+        .expect("reload of unchanged files");
+    let scrape = relay.metrics().await;
+    // Let the spooled event drain, so shutdown has nothing left over.
+    broker
+        .channel
+        .queue_bind(
+            queue.as_str().into(),
+            relay.exchange.as_str().into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("bind #");
+
+    let exported = exported(&scrape);
+    let names: BTreeSet<String> = exported.iter().map(|(n, _)| n.clone()).collect();
+    let histograms: BTreeSet<String> = exported
+        .iter()
+        .filter(|(_, kind)| kind == "histogram")
+        .map(|(n, _)| n.clone())
+        .collect();
+    let resolve = |name: &str| -> String {
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix)
+                && histograms.contains(base)
+            {
+                return base.to_owned();
+            }
+        }
+        name.to_owned()
+    };
+
+    let mut exprs = Vec::new();
+    let mut dashboards = 0;
+    for entry in std::fs::read_dir(repo("grafana/dashboards")).expect("grafana/dashboards") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        dashboards += 1;
+        let text = std::fs::read_to_string(&path).expect("read dashboard");
+        let json: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        dashboard_exprs(&json["panels"], &name, &mut exprs);
+    }
+    assert!(dashboards > 0, "no dashboards found");
+    let dashboard_exprs_count = exprs.len();
+
+    let alerts_text =
+        std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).expect("alerts.yml");
+    let alerts: serde_json::Value =
+        serde_saphyr::from_str(&alerts_text).expect("alerts.yml parses");
+    for group in alerts["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            let name = rule
+                .get("alert")
+                .or_else(|| rule.get("record"))
+                .and_then(|n| n.as_str())
+                .unwrap_or("(unnamed)");
+            let expr = rule["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("rule {name} has no expr"));
+            exprs.push((format!("alerts.yml / {name}"), expr.to_owned()));
+        }
+    }
+    assert!(
+        dashboard_exprs_count > 10,
+        "found only {dashboard_exprs_count} dashboard queries"
+    );
+    assert!(exprs.len() > dashboard_exprs_count, "no alert rules found");
+
+    let mut missing = Vec::new();
+    let mut used = BTreeSet::new();
+    for (place, expr) in &exprs {
+        for name in metric_names(expr) {
+            let base = resolve(&name);
+            if !names.contains(&base) {
+                missing.push(format!("{place}: {name} in `{expr}`"));
+            }
+            used.insert(base);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "metrics not exported by the relay:\n{}\nexported: {names:?}",
+        missing.join("\n")
+    );
+    let unused: Vec<&String> = names.difference(&used).collect();
+    if !unused.is_empty() {
+        eprintln!("exported but not on any dashboard or alert: {unused:?}");
+    }
+
+    let _ = broker.drain(&queue, 2, Duration::from_secs(5)).await;
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+fn binary() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ocrolus-relay"));
+    // The environment twins of the flags must not leak in from the test runner.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("RELAY_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+#[tokio::test]
+async fn tail_prints_what_consumers_receive() {
+    let relay = TestRelay::start(RelayOptions::default()).await;
+    let broker = TestBroker::connect().await;
+    let mut tail = spawn_lines(binary().args([
+        "tail",
+        "--amqp-url",
+        AMQP_URL,
+        "--exchange",
+        &relay.exchange,
+        "--binding",
+        "book.#",
+        "--max",
+        "1",
+    ]));
+    assert!(
+        tail.stderr_until("tailing exchange", Duration::from_secs(30))
+            .await,
+        "tail did not bind its queue: {:?}",
+        tail.stderr_seen
+    );
+    let id = new_id();
+    let body = br#"{"event_name":"book.verified","book_uuid":"5f1c1f5e-0000-4000-8000-000000000001","status":"VERIFICATION_COMPLETE"}"#;
+    let (status, _, _) = post_signed(&relay, &id, body).await;
+    assert_eq!(status, 200);
+
+    let line = tail
+        .next_stdout(Duration::from_secs(30))
+        .await
+        .expect("tail printed a line");
+    let (exit, rest, stderr) = tail.finish(Duration::from_secs(30)).await;
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "tail exits 0 after --max 1: {exit:?} {stderr:?}"
+    );
+    assert!(rest.is_empty(), "one line only: {rest:?}");
+    let printed: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(printed["routing_key"], "book.verified");
+    assert_eq!(printed["message_id"], id.as_str());
+    assert_eq!(printed["headers"]["x-ocrolus-event"], "book.verified");
+    let sent: serde_json::Value = serde_json::from_slice(body).expect("json");
+    assert_eq!(printed["body"], sent);
+
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+/// Runs `check-config` with the flags a test relay would get.
+async fn check_config(opts: RelayOptions) -> (i32, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exchange = unique("test.check");
+    let spool = dir.path().join("spool");
+    let args = serve_args(
+        &opts,
+        dir.path(),
+        &exchange,
+        &format!("{exchange}.unrouted"),
+        &spool,
+    );
+    let output = binary()
+        .arg("check-config")
+        .args(&args)
+        .output()
+        .await
+        .expect("run check-config");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn check_config_accepts_good_and_refuses_bad_configuration() {
+    // Good: exit 0, a summary, and no secret text anywhere.
+    let (code, out, err) = check_config(RelayOptions::default()).await;
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("configuration OK"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("HMAC secrets:") && l.trim_end().ends_with(" 2")),
+        "both secrets counted: {out}"
+    );
+    for secret in [SECRET, SECOND_SECRET, "guest:guest"] {
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{secret:?} printed:\n{out}\n{err}"
+        );
+    }
+
+    // A bad CIDR: exit 64 and the message names the line.
+    let (code, out, err) = check_config(RelayOptions {
+        allow: vec!["127.0.0.1/32".into(), "10.0.0.300/8".into()],
+        ..RelayOptions::default()
+    })
+    .await;
+    assert_eq!(code, 64, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("line 3"),
+        "the message names line 3 (allow:, 127.0.0.1/32, the bad one): {err}"
+    );
+    assert!(err.contains("10.0.0.300/8"), "{err}");
+    assert!(!out.contains("configuration OK"));
+
+    // A secret Ocrolus would never accept (10 characters): exit 64, not echoed.
+    let (code, out, err) = check_config(RelayOptions {
+        secrets: vec!["0123456789".into()],
+        ..RelayOptions::default()
+    })
+    .await;
+    assert_eq!(code, 64, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("16-128"), "{err}");
+    assert!(
+        !err.contains("0123456789") && !out.contains("0123456789"),
+        "secret echoed: {err}"
+    );
+
+    // No secret and no Basic credentials: fail closed.
+    let (code, out, err) = check_config(RelayOptions {
+        secrets: vec![],
+        ..RelayOptions::default()
+    })
+    .await;
+    assert_eq!(code, 64, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!out.contains("configuration OK"));
+
+    // --tls-cert without --tls-key.
+    let (code, out, err) = check_config(RelayOptions {
+        extra: vec!["--tls-cert".into(), "/nonexistent/cert.pem".into()],
+        ..RelayOptions::default()
+    })
+    .await;
+    assert_eq!(code, 64, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("--tls-key"), "{err}");
+}
+
+#[test]
+fn metric_name_extraction() {
+    let names = metric_names(
+        r#"sum(rate(ocrolus_relay_requests_total{outcome!="published"}[5m])) / on() x_ocrolus_relay_not_ours + histogram_quantile(0.9, ocrolus_relay_a_bucket)"#,
+    );
+    let expected: BTreeSet<String> = ["ocrolus_relay_requests_total", "ocrolus_relay_a_bucket"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(names, expected);
+}
