@@ -18,7 +18,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -160,13 +160,76 @@ where
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     let service_state = state.clone();
+    let (activity, requests) = watch::channel(0usize);
+    let activity = Arc::new(activity);
     let service = service_fn(move |req: Request<Incoming>| {
+        let active = ActiveRequest::start(&activity);
         let state = service_state.clone();
-        async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
+        async move {
+            let _active = active;
+            Ok::<_, Infallible>(handle(&state, peer, req).await)
+        }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
+    let conn = watcher.watch(conn.into_owned());
+    // hyper's header timer starts only once HTTP/1 is chosen and never
+    // covers HTTP/2: without this, a client sending nothing, a trickled h2
+    // preface or an idle h2 connection would hold its slot forever.
+    let result = tokio::select! {
+        result = conn => result,
+        never_served = idle(requests, limits.header_timeout) => {
+            if never_served {
+                state
+                    .metrics
+                    .rejections
+                    .with_label_values(&["header_timeout"])
+                    .inc();
+            }
+            debug!(%peer, never_served, "connection idle past the header timeout; closing");
+            return;
+        }
+    };
+    if let Err(e) = result {
         debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Counts a request being handled on its connection while it lives.
+struct ActiveRequest(Arc<watch::Sender<usize>>);
+
+impl ActiveRequest {
+    fn start(activity: &Arc<watch::Sender<usize>>) -> Self {
+        activity.send_modify(|n| *n += 1);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Resolves once the connection has had no request under way for `limit`
+/// (from its start, or from the end of its last request); `true` if it
+/// never carried one. Nothing is in flight then, so closing loses nothing.
+async fn idle(mut requests: watch::Receiver<usize>, limit: Duration) -> bool {
+    let mut served = false;
+    loop {
+        let active = *requests.borrow_and_update();
+        let changed = if active == 0 {
+            match tokio::time::timeout(limit, requests.changed()).await {
+                Ok(changed) => changed,
+                Err(_) => return !served,
+            }
+        } else {
+            requests.changed().await
+        };
+        if changed.is_err() {
+            // The connection itself is gone; its own future ends the select.
+            std::future::pending::<()>().await;
+        }
+        served = true;
     }
 }
 

@@ -73,7 +73,13 @@ pub struct TestRelay {
 }
 
 /// The `serve` flags a test relay would use (also for spawning the binary).
-pub fn serve_args(opts: &RelayOptions, dir: &std::path::Path, exchange: &str, alternate: &str, spool_dir: &std::path::Path) -> Vec<String> {
+pub fn serve_args(
+    opts: &RelayOptions,
+    dir: &std::path::Path,
+    exchange: &str,
+    alternate: &str,
+    spool_dir: &std::path::Path,
+) -> Vec<String> {
     let allowlist = dir.join("allowlist.yaml");
     let mut yaml = String::from("allow:\n");
     for a in &opts.allow {
@@ -88,15 +94,19 @@ pub fn serve_args(opts: &RelayOptions, dir: &std::path::Path, exchange: &str, al
     }
     std::fs::write(&allowlist, yaml).expect("write allowlist");
     let mut args: Vec<String> = [
-        "--listen", "127.0.0.1:0",
-        "--admin-listen", "127.0.0.1:0",
-        "--plaintext",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
         "--allowlist",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     args.push(allowlist.display().to_string());
+    if !serves_tls(opts) {
+        args.push("--plaintext".into());
+    }
     args.extend(["--amqp-url".into(), opts.amqp_url.clone()]);
     args.extend(["--exchange".into(), exchange.into()]);
     if !opts.extra.iter().any(|a| a == "--alternate-exchange") {
@@ -120,22 +130,38 @@ impl TestRelay {
     /// `alternate` empty means: a fresh unique alternate exchange.
     pub async fn start_with_names(opts: RelayOptions, exchange: String, alternate: String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let alternate = if alternate.is_empty() && !opts.extra.iter().any(|a| a == "--alternate-exchange") {
-            format!("{exchange}.unrouted")
-        } else {
-            alternate
-        };
-        let spool_dir = opts.spool_dir.clone().unwrap_or_else(|| dir.path().join("spool"));
+        let alternate =
+            if alternate.is_empty() && !opts.extra.iter().any(|a| a == "--alternate-exchange") {
+                format!("{exchange}.unrouted")
+            } else {
+                alternate
+            };
+        let spool_dir = opts
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("spool"));
         let mut argv = vec!["ocrolus-relay".to_string(), "serve".to_string()];
-        argv.extend(serve_args(&opts, dir.path(), &exchange, &alternate, &spool_dir));
-        let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("bad test flags {argv:?}: {e}"));
-        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        argv.extend(serve_args(
+            &opts,
+            dir.path(),
+            &exchange,
+            &alternate,
+            &spool_dir,
+        ));
+        let cli =
+            Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("bad test flags {argv:?}: {e}"));
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
         let config = Config::from_args(&args, None).expect("valid test config");
         let relay = Relay::start(config).await.expect("relay starts");
         let addr = relay.public_addr;
         let admin = relay.admin_addr;
         let relay = Self {
-            url: format!("http://{addr}/webhooks/ocrolus"),
+            url: format!(
+                "{scheme}://{addr}/webhooks/ocrolus",
+                scheme = if serves_tls(&opts) { "https" } else { "http" }
+            ),
             addr,
             admin,
             exchange,
@@ -213,7 +239,10 @@ impl TestBroker {
             .await
             .expect("RabbitMQ on 127.0.0.1:5672");
         let channel = connection.create_channel().await.expect("channel");
-        Self { connection, channel }
+        Self {
+            connection,
+            channel,
+        }
     }
 
     /// A fresh queue bound to `exchange` with `binding`. The exchange must
@@ -223,20 +252,35 @@ impl TestBroker {
         self.channel
             .queue_declare(
                 queue.as_str().into(),
-                QueueDeclareOptions { durable: false, auto_delete: false, ..Default::default() },
+                QueueDeclareOptions {
+                    durable: false,
+                    auto_delete: false,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await
             .expect("queue_declare");
         self.channel
-            .queue_bind(queue.as_str().into(), exchange.into(), binding.into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.into(),
+                binding.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .expect("queue_bind");
         queue
     }
 
     /// Every message currently in `queue` (waits up to `within` for `expect` of them).
-    pub async fn drain(&self, queue: &str, expect: usize, within: Duration) -> Vec<lapin::message::BasicGetMessage> {
+    pub async fn drain(
+        &self,
+        queue: &str,
+        expect: usize,
+        within: Duration,
+    ) -> Vec<lapin::message::BasicGetMessage> {
         let deadline = tokio::time::Instant::now() + within;
         let mut out = Vec::new();
         loop {
@@ -258,16 +302,27 @@ impl TestBroker {
     }
 
     pub async fn delete_queue(&self, queue: &str) {
-        let _ = self.channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
+        let _ = self
+            .channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
     }
 
     pub async fn delete_exchange(&self, exchange: &str) {
-        let _ = self.channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await;
+        let _ = self
+            .channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await;
     }
 }
 
 /// Headers of a correctly signed delivery.
-pub fn signed_headers(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Vec<(String, String)> {
+pub fn signed_headers(
+    secret: &str,
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> Vec<(String, String)> {
     let ts = timestamp.to_string();
     let sig = hex::encode(ocrolus_relay::auth::sign(secret.as_bytes(), &ts, id, body));
     vec![
@@ -289,17 +344,32 @@ pub type Answer = (u16, HeaderMap, Bytes);
 pub async fn request(method: &str, url: &str, headers: &[(String, String)], body: Bytes) -> Answer {
     let uri: http::Uri = url.parse().expect("url");
     let authority = uri.authority().expect("authority").clone();
-    let stream = TcpStream::connect(authority.as_str()).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    let stream = TcpStream::connect(authority.as_str())
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
-    let mut builder = Request::builder().method(method).uri(uri.path()).header("host", authority.as_str());
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(uri.path())
+        .header("host", authority.as_str());
     for (k, v) in headers {
         builder = builder.header(k.as_str(), v.as_str());
     }
-    let response = sender.send_request(builder.body(Full::new(body)).expect("request")).await.expect("response");
+    let response = sender
+        .send_request(builder.body(Full::new(body)).expect("request"))
+        .await
+        .expect("response");
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     (status, headers, body)
 }
 
@@ -337,12 +407,16 @@ impl FaultProxy {
         let (m, g) = (mode.clone(), generation.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else { return };
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
                 if m.load(Ordering::SeqCst) != FORWARD {
                     let _ = client.shutdown().await;
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(&upstream).await else { continue };
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
                 let (m, mut cut) = (m.clone(), g.subscribe());
                 tokio::spawn(async move {
                     let (mut cr, mut cw) = client.into_split();
@@ -357,7 +431,11 @@ impl FaultProxy {
                 });
             }
         });
-        Self { addr, mode, generation }
+        Self {
+            addr,
+            mode,
+            generation,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -384,7 +462,11 @@ impl FaultProxy {
     }
 }
 
-async fn pump(from: &mut tokio::net::tcp::OwnedReadHalf, to: &mut tokio::net::tcp::OwnedWriteHalf, mode: &AtomicU8) {
+async fn pump(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    mode: &AtomicU8,
+) {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -399,6 +481,11 @@ async fn pump(from: &mut tokio::net::tcp::OwnedReadHalf, to: &mut tokio::net::tc
             return;
         }
     }
+}
+
+/// A relay given `--tls-cert` in `extra` serves TLS instead of `--plaintext`.
+pub fn serves_tls(opts: &RelayOptions) -> bool {
+    opts.extra.iter().any(|a| a == "--tls-cert")
 }
 
 /// A child process whose stdout and stderr lines arrive on channels (for

@@ -1,0 +1,1378 @@
+//! Issue 4, edge hardening: adversarial clients over real connections.
+//! Spoofed forwarding headers, oversized and slow requests, connection
+//! floods, bursts over the rate limits, Basic auth, TLS (HTTP/1.1 and h2),
+//! reloads while requests are in flight, PROXY protocol, and error bodies
+//! that never echo credentials. Every reject also checks nothing was
+//! published.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use futures_util::future::join_all;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lapin::types::AMQPValue;
+use rustls::ProtocolVersion;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+const BODY: &[u8] = br#"{"event_name":"book.verified","book_pk":1}"#;
+
+/// Slack on top of a configured timeout before a test calls it missed: the
+/// machine may be busy, so only "closed within timeout + margin" is checked.
+const MARGIN: Duration = Duration::from_secs(4);
+
+fn opts(allow: &[&str], trusted: &[&str], extra: &[&str]) -> RelayOptions {
+    RelayOptions {
+        allow: allow.iter().map(|s| s.to_string()).collect(),
+        trusted_proxies: trusted.iter().map(|s| s.to_string()).collect(),
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        ..RelayOptions::default()
+    }
+}
+
+fn signed(id: &str, body: &[u8]) -> Vec<(String, String)> {
+    signed_headers(SECRET, id, now_secs(), body)
+}
+
+fn with(mut headers: Vec<(String, String)>, name: &str, value: &str) -> Vec<(String, String)> {
+    headers.push((name.into(), value.into()));
+    headers
+}
+
+async fn post(relay: &TestRelay, headers: &[(String, String)], body: &[u8]) -> Answer {
+    request("POST", &relay.url, headers, Bytes::copy_from_slice(body)).await
+}
+
+fn amqp_header(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
+    let headers = m.delivery.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn message_id(m: &lapin::message::BasicGetMessage) -> String {
+    m.delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}
+
+/// Polls a metric until `ok` holds (metrics move a moment after the event).
+async fn wait_metric(relay: &TestRelay, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = relay.metric(series).await;
+        if ok(value) || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts the queue holds no message (beyond those already drained).
+async fn assert_nothing_published(broker: &TestBroker, queue: &str) {
+    let got = broker.drain(queue, 1, Duration::from_millis(300)).await;
+    assert!(got.is_empty(), "{} unexpected message(s)", got.len());
+}
+
+/// The head of a raw HTTP/1.1 POST to the webhook path.
+fn raw_head(addr: SocketAddr, headers: &[(String, String)]) -> String {
+    let mut head = format!("POST /webhooks/ocrolus HTTP/1.1\r\nhost: {addr}\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    head
+}
+
+/// What a raw client saw: the status line's code (if any answer came), the
+/// whole text, and whether the server closed the connection.
+struct Raw {
+    status: Option<u16>,
+    text: String,
+    closed: bool,
+    elapsed: Duration,
+}
+
+/// Reads one HTTP/1.1 answer (complete by Content-Length) or until the
+/// server closes, at most `within`.
+async fn read_response<R: AsyncRead + Unpin>(reader: &mut R, within: Duration) -> Raw {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut closed = false;
+    while !response_complete(&buf) {
+        match tokio::time::timeout_at(deadline, reader.read(&mut chunk)).await {
+            Err(_) => break,
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok());
+    Raw {
+        status,
+        text,
+        closed,
+        elapsed: started.elapsed(),
+    }
+}
+
+fn response_complete(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    buf.len() >= end + 4 + len
+}
+
+/// Reads and discards until the server closes; the time it took, or `None`
+/// if it stayed open for `within`.
+async fn closed_within<R: AsyncRead + Unpin>(reader: &mut R, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut chunk = [0u8; 1024];
+    let result = tokio::time::timeout(within, async {
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    result.ok().map(|()| started.elapsed())
+}
+
+/// Writes `bytes` one at a time with `pause` between them until done or the
+/// server closes: a slowloris client.
+async fn trickle<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8], pause: Duration) {
+    for byte in bytes {
+        if writer.write_all(std::slice::from_ref(byte)).await.is_err()
+            || writer.flush().await.is_err()
+        {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+// ---------------------------------------------------------------- X-Forwarded-For
+
+#[tokio::test]
+async fn spoofed_forwarded_for_from_untrusted_peer_is_ignored() {
+    let relay = TestRelay::start(opts(&["203.0.113.7/32"], &[], &[])).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    for xff in [
+        "203.0.113.7",
+        "1.2.3.4, 203.0.113.7",
+        "203.0.113.7, 127.0.0.1",
+    ] {
+        let headers = with(signed(&new_id(), BODY), "x-forwarded-for", xff);
+        let (status, _, body) = post(&relay, &headers, BODY).await;
+        assert_eq!(status, 403, "untrusted peer claiming {xff:?}");
+        assert_eq!(&body[..], br#"{"error":"forbidden"}"#);
+    }
+    assert_nothing_published(&broker, &queue).await;
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+
+    // Allowed peer, spoofed header: the peer address is what gets recorded.
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &[])).await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let headers = with(signed(&new_id(), BODY), "x-forwarded-for", "203.0.113.7");
+    assert_eq!(post(&relay, &headers, BODY).await.0, 200);
+    let got = broker.drain(&queue, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        amqp_header(&got[0], "x-relay-client-ip").as_deref(),
+        Some("127.0.0.1")
+    );
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn forwarded_for_from_trusted_proxy_is_walked_right_to_left() {
+    let relay = TestRelay::start(opts(&["203.0.113.7/32"], &["127.0.0.1/32"], &[])).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let cases: &[(&[&str], u16, &str)] = &[
+        (&[], 403, "no header: the proxy itself is the client"),
+        (&["203.0.113.7"], 200, "single hop"),
+        (&["203.0.113.7, 198.51.100.1"], 403, "untrusted last hop"),
+        (
+            &["1.2.3.4, 203.0.113.7"],
+            200,
+            "rightmost untrusted hop wins",
+        ),
+        (&["203.0.113.7, 127.0.0.1"], 200, "trusted hops are skipped"),
+        (&["203.0.113.7:4711"], 200, "hop with a port"),
+        (
+            &["203.0.113.7, not-an-ip"],
+            403,
+            "malformed hop fails closed",
+        ),
+        (&["203.0.113.7,"], 403, "empty hop fails closed"),
+        (&["unknown"], 403, "obfuscated hop fails closed"),
+        (
+            &["203.0.113.7", "198.51.100.1"],
+            403,
+            "last header line is rightmost",
+        ),
+        (
+            &["198.51.100.1", "203.0.113.7"],
+            200,
+            "earlier lines are further left",
+        ),
+    ];
+    let mut accepted = 0;
+    for (lines, expect, what) in cases {
+        let mut headers = signed(&new_id(), BODY);
+        for line in *lines {
+            headers = with(headers, "x-forwarded-for", line);
+        }
+        let (status, _, body) = post(&relay, &headers, BODY).await;
+        assert_eq!(
+            status,
+            *expect,
+            "{what}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        if status == 200 {
+            accepted += 1;
+        }
+    }
+    let got = broker.drain(&queue, accepted, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), accepted, "exactly the 200s were published");
+    for m in &got {
+        assert_eq!(
+            amqp_header(m, "x-relay-client-ip").as_deref(),
+            Some("203.0.113.7"),
+            "the resolved client is recorded, not the proxy"
+        );
+    }
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="bad_forwarded_for"}"#)
+            .await,
+        3.0
+    );
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+/// A request's headers and body.
+type Delivery = (Vec<(String, String)>, Vec<u8>);
+
+/// Answers of `n` requests fired at once; see the rate-limit tests for why.
+async fn fire(relay: &TestRelay, requests: Vec<Delivery>) -> Vec<Answer> {
+    let calls = requests.into_iter().map(|(headers, body)| {
+        let url = relay.url.clone();
+        tokio::spawn(async move { request("POST", &url, &headers, Bytes::from(body)).await })
+    });
+    join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.expect("request task"))
+        .collect()
+}
+
+fn count(answers: &[Answer], status: u16) -> usize {
+    answers.iter().filter(|a| a.0 == status).count()
+}
+
+/// Most requests a bucket of `burst` refilled at `rate`/s can pass in `elapsed`.
+fn bucket_bound(burst: usize, rate: usize, elapsed: Duration) -> usize {
+    burst + rate * elapsed.as_secs_f64().ceil() as usize
+}
+
+#[tokio::test]
+async fn per_ip_rate_limit_keys_on_the_resolved_client() {
+    // Untrusted peer: every request names another client in X-Forwarded-For,
+    // but all of them draw from the one bucket of the TCP peer. The requests
+    // carry a wrong signature: admitted ones get 401, refused ones 429.
+    let limit = ["--rate-limit-per-ip", "1", "--rate-limit-burst", "1"];
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &limit)).await;
+    let requests = (0..10)
+        .map(|i| {
+            let mut headers =
+                signed_headers("wrong-secret-0123456789", &new_id(), now_secs(), BODY);
+            headers.push(("x-forwarded-for".into(), format!("198.51.100.{i}")));
+            (headers, BODY.to_vec())
+        })
+        .collect();
+    let started = Instant::now();
+    let answers = fire(&relay, requests).await;
+    let elapsed = started.elapsed();
+    let admitted = count(&answers, 401);
+    assert!(
+        count(&answers, 429) > 0,
+        "spoofed addresses bought fresh buckets"
+    );
+    assert!(admitted >= 1);
+    assert!(
+        admitted <= bucket_bound(1, 1, elapsed),
+        "{admitted} admitted in {elapsed:?}"
+    );
+    assert_eq!(admitted + count(&answers, 429), answers.len());
+    let broker = TestBroker::connect().await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+
+    // Trusted proxy: each resolved client has its own bucket, so distinct
+    // clients behind the same proxy are all admitted.
+    let relay = TestRelay::start(opts(&["203.0.113.0/24"], &["127.0.0.1/32"], &limit)).await;
+    for i in 1..=5 {
+        let headers = with(
+            signed_headers("wrong-secret-0123456789", &new_id(), now_secs(), BODY),
+            "x-forwarded-for",
+            &format!("203.0.113.{i}"),
+        );
+        assert_eq!(
+            post(&relay, &headers, BODY).await.0,
+            401,
+            "client {i} has its own bucket"
+        );
+    }
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+// ---------------------------------------------------------------- sizes
+
+#[tokio::test]
+async fn oversized_declared_length_is_refused_without_reading_the_body() {
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--max-body", "1024"])).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
+    let headers = with(signed(&new_id(), BODY), "content-length", "10485760");
+    stream
+        .write_all(raw_head(relay.addr, &headers).as_bytes())
+        .await
+        .expect("write head");
+    // Not a byte of the 10 MiB is sent: the answer comes anyway, long before
+    // the body timeout (10 s by default).
+    let raw = read_response(&mut stream, Duration::from_secs(5)).await;
+    assert_eq!(raw.status, Some(413), "{}", raw.text);
+    assert!(
+        raw.text.ends_with(r#"{"error":"payload_too_large"}"#),
+        "{}",
+        raw.text
+    );
+    assert_nothing_published(&broker, &queue).await;
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="declared_too_large"}"#)
+            .await,
+        1.0
+    );
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_chunked_body_is_refused() {
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--max-body", "1024"])).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    // A well-formed, correctly signed JSON body that is simply too long.
+    let body = format!(
+        r#"{{"event_name":"book.verified","padding":"{}"}}"#,
+        "x".repeat(2000)
+    );
+    let headers = with(
+        signed(&new_id(), body.as_bytes()),
+        "transfer-encoding",
+        "chunked",
+    );
+    let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
+    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
+    for chunk in body.as_bytes().chunks(700) {
+        bytes.extend(format!("{:x}\r\n", chunk.len()).as_bytes());
+        bytes.extend(chunk);
+        bytes.extend(b"\r\n");
+    }
+    bytes.extend(b"0\r\n\r\n");
+    stream.write_all(&bytes).await.expect("write");
+    let raw = read_response(&mut stream, Duration::from_secs(5)).await;
+    assert_eq!(raw.status, Some(413), "{}", raw.text);
+    assert_nothing_published(&broker, &queue).await;
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="body_too_large"}"#)
+            .await,
+        1.0
+    );
+    // The same body within the limit goes through: the cap is what refused it.
+    let small = with(signed(&new_id(), BODY), "transfer-encoding", "chunked");
+    let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
+    let mut bytes = raw_head(relay.addr, &small).into_bytes();
+    bytes.extend(format!("{:x}\r\n", BODY.len()).as_bytes());
+    bytes.extend(BODY);
+    bytes.extend(b"\r\n0\r\n\r\n");
+    stream.write_all(&bytes).await.expect("write");
+    let raw = read_response(&mut stream, Duration::from_secs(5)).await;
+    assert_eq!(raw.status, Some(200), "{}", raw.text);
+    assert_eq!(
+        broker.drain(&queue, 1, Duration::from_secs(5)).await.len(),
+        1
+    );
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+// ---------------------------------------------------------------- slow clients
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_while_others_are_served() {
+    let header_timeout = Duration::from_secs(1);
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--header-timeout", "1"])).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let head = raw_head(relay.addr, &signed(&new_id(), BODY)).into_bytes();
+    // At 200 ms a byte these would take far longer than the timeout.
+    let h2_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let clients = [
+        ("HTTP/1.1 head", head),
+        ("h2 preface", h2_preface),
+        ("silent", Vec::new()),
+    ];
+    let slow = clients.into_iter().map(|(what, bytes)| {
+        let addr = relay.addr;
+        tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.expect("connect");
+            let (mut reader, mut writer) = stream.into_split();
+            let writer = tokio::spawn(async move {
+                trickle(&mut writer, &bytes, Duration::from_millis(200)).await;
+                // Keep the write side open: only the server may end this.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+            let closed = closed_within(&mut reader, header_timeout + MARGIN).await;
+            writer.abort();
+            (what, closed)
+        })
+    });
+    let slow = join_all(slow);
+    tokio::pin!(slow);
+    // While they hold their connections, a normal delivery is served.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(post_signed(&relay, &new_id(), BODY).await.0, 200);
+    for result in slow.await {
+        let (what, closed) = result.expect("slow client task");
+        assert!(
+            closed.is_some(),
+            "{what}: still open after {:?}",
+            header_timeout + MARGIN
+        );
+    }
+    assert_eq!(
+        broker.drain(&queue, 1, Duration::from_secs(5)).await.len(),
+        1
+    );
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_body_gets_408_while_others_are_served() {
+    let body_timeout = Duration::from_secs(1);
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--body-timeout", "1"])).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let body = format!(
+        r#"{{"event_name":"book.verified","padding":"{}"}}"#,
+        "x".repeat(100)
+    );
+    let headers = with(
+        signed(&new_id(), body.as_bytes()),
+        "content-length",
+        &body.len().to_string(),
+    );
+    let stream = TcpStream::connect(relay.addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    let mut start = raw_head(relay.addr, &headers).into_bytes();
+    start.extend(&body.as_bytes()[..10]);
+    writer.write_all(&start).await.expect("write head");
+    // A byte every 250 ms: never idle for long, but the whole body would
+    // take about 30 s. The deadline is for the body, not between bytes.
+    let rest = body.as_bytes()[10..].to_vec();
+    let trickler = tokio::spawn(async move {
+        trickle(&mut writer, &rest, Duration::from_millis(250)).await;
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(post_signed(&relay, &new_id(), BODY).await.0, 200);
+    let raw = read_response(&mut reader, body_timeout + MARGIN).await;
+    trickler.abort();
+    assert!(
+        raw.status == Some(408) || (raw.status.is_none() && raw.closed),
+        "expected 408 or a close, got {:?} after {:?}: {}",
+        raw.status,
+        raw.elapsed,
+        raw.text
+    );
+    assert!(raw.elapsed < body_timeout + MARGIN);
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="body_timeout"}"#)
+            .await,
+        1.0
+    );
+    let got = broker.drain(&queue, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1, "only the normal delivery was published");
+    assert_eq!(got[0].delivery.data, BODY);
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+// ---------------------------------------------------------------- connections
+
+#[tokio::test]
+async fn connection_flood_beyond_the_limit_is_closed_at_once() {
+    // A long header timeout, so that the held connections stay open.
+    let extra = ["--max-connections", "5", "--header-timeout", "60"];
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &extra)).await;
+    let open = "ocrolus_relay_connections_open";
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(TcpStream::connect(relay.addr).await.expect("connect"));
+    }
+    assert_eq!(wait_metric(&relay, open, |v| v == 5.0).await, 5.0);
+    for i in 0..3 {
+        let mut extra = TcpStream::connect(relay.addr).await.expect("connect");
+        assert!(
+            closed_within(&mut extra, MARGIN).await.is_some(),
+            "connection {} over the limit was not closed",
+            i + 1
+        );
+    }
+    assert_eq!(
+        relay
+            .metric("ocrolus_relay_connections_rejected_total")
+            .await,
+        3.0
+    );
+    // The held connections are still served: one of them sends a delivery.
+    let mut stream = held.pop().expect("held");
+    let id = new_id();
+    let headers = with(signed(&id, BODY), "content-length", &BODY.len().to_string());
+    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
+    bytes.extend(BODY);
+    stream.write_all(&bytes).await.expect("write");
+    assert_eq!(read_response(&mut stream, MARGIN).await.status, Some(200));
+    drop(stream);
+    drop(held);
+    assert_eq!(wait_metric(&relay, open, |v| v == 0.0).await, 0.0);
+    assert_eq!(post_signed(&relay, &new_id(), BODY).await.0, 200);
+    let broker = TestBroker::connect().await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+// ---------------------------------------------------------------- rate limits
+
+/// Fires `n` correctly signed, distinct deliveries at once. Concurrently on
+/// purpose: sent one after another, each would wait for its publish confirm
+/// and the bucket would refill in between, so the burst would never be
+/// exceeded on a slow machine, and the number passing would depend on timing.
+async fn signed_burst(
+    relay: &TestRelay,
+    n: usize,
+    xff: impl Fn(usize) -> Option<String>,
+) -> (Vec<Answer>, Duration) {
+    let requests = (0..n)
+        .map(|i| {
+            let body = format!(r#"{{"event_name":"book.verified","n":{i}}}"#).into_bytes();
+            let mut headers = signed(&new_id(), &body);
+            if let Some(client) = xff(i) {
+                headers.push(("x-forwarded-for".into(), client));
+            }
+            (headers, body)
+        })
+        .collect();
+    let started = Instant::now();
+    let answers = fire(relay, requests).await;
+    (answers, started.elapsed())
+}
+
+/// Every 200's id is in the queue exactly once, and nothing else is.
+async fn assert_exactly_the_200s_published(broker: &TestBroker, queue: &str, answers: &[Answer]) {
+    let ok: Vec<String> = answers
+        .iter()
+        .filter(|a| a.0 == 200)
+        .map(|a| {
+            let body: serde_json::Value = serde_json::from_slice(&a.2).expect("json");
+            body["id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    let got = broker.drain(queue, ok.len(), Duration::from_secs(10)).await;
+    assert_eq!(got.len(), ok.len(), "messages in the queue = 200 answers");
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for m in &got {
+        *seen.entry(message_id(m)).or_default() += 1;
+    }
+    for id in &ok {
+        assert_eq!(seen.get(id), Some(&1), "id {id} published exactly once");
+    }
+    assert_nothing_published(broker, queue).await;
+}
+
+fn assert_429s_say_when(answers: &[Answer]) {
+    for (status, headers, body) in answers.iter().filter(|a| a.0 == 429) {
+        let retry: u64 = headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{status} without a numeric Retry-After"));
+        assert!(retry >= 1);
+        assert_eq!(&body[..], br#"{"error":"rate_limited"}"#);
+    }
+}
+
+#[tokio::test]
+async fn burst_over_the_per_ip_limit_gets_429_and_publishes_exactly_the_200s() {
+    let extra = ["--rate-limit-per-ip", "2", "--rate-limit-burst", "2"];
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &extra)).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (answers, elapsed) = signed_burst(&relay, 30, |_| None).await;
+    let ok = count(&answers, 200);
+    assert!(ok >= 1, "the burst allowance passes");
+    assert!(
+        ok <= bucket_bound(4, 2, elapsed),
+        "{ok} passed in {elapsed:?}"
+    );
+    assert!(count(&answers, 429) > 0);
+    assert_eq!(ok + count(&answers, 429), answers.len(), "only 200 or 429");
+    assert_429s_say_when(&answers);
+    assert_exactly_the_200s_published(&broker, &queue, &answers).await;
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="rate_limited_ip"}"#)
+            .await,
+        count(&answers, 429) as f64
+    );
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn global_rate_limit_applies_across_clients() {
+    // Distinct clients behind a trusted proxy, so no per-client bucket runs dry.
+    let extra = [
+        "--rate-limit-per-ip",
+        "1000",
+        "--rate-limit-global",
+        "2",
+        "--rate-limit-burst",
+        "1",
+    ];
+    let relay = TestRelay::start(opts(&["203.0.113.0/24"], &["127.0.0.1/32"], &extra)).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (answers, elapsed) =
+        signed_burst(&relay, 20, |i| Some(format!("203.0.113.{}", i + 1))).await;
+    let ok = count(&answers, 200);
+    assert!(ok >= 1);
+    assert!(
+        ok <= bucket_bound(2, 2, elapsed),
+        "{ok} passed in {elapsed:?}"
+    );
+    assert!(count(&answers, 429) > 0);
+    assert_eq!(ok + count(&answers, 429), answers.len());
+    assert_429s_say_when(&answers);
+    assert_exactly_the_200s_published(&broker, &queue, &answers).await;
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="rate_limited_global"}"#)
+            .await,
+        count(&answers, 429) as f64
+    );
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_beyond_max_in_flight_get_503() {
+    // One slot, held by a delivery whose body is only half sent.
+    let extra = ["--max-in-flight", "1", "--body-timeout", "60"];
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &extra)).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let id = new_id();
+    let headers = with(signed(&id, BODY), "content-length", &BODY.len().to_string());
+    let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
+    let mut start = raw_head(relay.addr, &headers).into_bytes();
+    start.extend(&BODY[..10]);
+    stream.write_all(&start).await.expect("write");
+    let in_flight = "ocrolus_relay_requests_in_flight";
+    assert_eq!(wait_metric(&relay, in_flight, |v| v == 1.0).await, 1.0);
+    // The gauge rises a moment before the slot is taken, in the same step.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (status, headers, body) = post_signed(&relay, &new_id(), BODY).await;
+    assert_eq!(status, 503);
+    assert_eq!(&body[..], br#"{"error":"unavailable"}"#);
+    assert!(headers.contains_key("retry-after"));
+
+    stream.write_all(&BODY[10..]).await.expect("write rest");
+    let raw = read_response(&mut stream, Duration::from_secs(10)).await;
+    assert_eq!(raw.status, Some(200), "{}", raw.text);
+    let got = broker.drain(&queue, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(message_id(&got[0]), id);
+    assert_nothing_published(&broker, &queue).await;
+    // The slot is free again.
+    assert_eq!(post_signed(&relay, &new_id(), BODY).await.0, 200);
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+// ---------------------------------------------------------------- Basic auth
+
+fn basic(user_pass: &str) -> (String, String) {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(user_pass);
+    ("authorization".into(), format!("Basic {encoded}"))
+}
+
+fn basic_file(dir: &Path) -> String {
+    let path = dir.join("basic-auth");
+    std::fs::write(
+        &path,
+        "# Ocrolus, from the registered URL\nocrolus:first-password\nbackup:pass:with:colons\n",
+    )
+    .expect("write basic auth file");
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn basic_auth_alone_accepts_listed_credentials_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = TestRelay::start(RelayOptions {
+        secrets: vec![],
+        extra: vec!["--basic-auth-file".into(), basic_file(dir.path())],
+        ..RelayOptions::default()
+    })
+    .await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let json = ("content-type".to_string(), "application/json".to_string());
+    for good in ["ocrolus:first-password", "backup:pass:with:colons"] {
+        let (status, _, body) = post(&relay, &[json.clone(), basic(good)], BODY).await;
+        assert_eq!(status, 200, "{good}: {}", String::from_utf8_lossy(&body));
+    }
+    let bad: Vec<(&str, Vec<(String, String)>)> = vec![
+        ("missing", vec![json.clone()]),
+        (
+            "wrong password",
+            vec![json.clone(), basic("ocrolus:second-password")],
+        ),
+        (
+            "other user's password",
+            vec![json.clone(), basic("backup:first-password")],
+        ),
+        (
+            "prefix of a password",
+            vec![json.clone(), basic("ocrolus:first")],
+        ),
+        (
+            "not base64",
+            vec![json.clone(), ("authorization".into(), "Basic !!!".into())],
+        ),
+        (
+            "other scheme",
+            vec![
+                json.clone(),
+                ("authorization".into(), "Bearer first-password".into()),
+            ],
+        ),
+    ];
+    for (what, headers) in bad {
+        let (status, _, body) = post(&relay, &headers, BODY).await;
+        assert_eq!(status, 401, "{what}");
+        assert_eq!(&body[..], br#"{"error":"unauthorized"}"#, "{what}");
+    }
+    assert_eq!(
+        broker.drain(&queue, 2, Duration::from_secs(5)).await.len(),
+        2
+    );
+    assert_nothing_published(&broker, &queue).await;
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn hmac_and_basic_together_are_both_required() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = TestRelay::start(RelayOptions {
+        extra: vec!["--basic-auth-file".into(), basic_file(dir.path())],
+        ..RelayOptions::default()
+    })
+    .await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let right = basic("ocrolus:first-password");
+    let cases = [
+        ("signature only", signed(&new_id(), BODY), 401),
+        (
+            "basic only",
+            vec![
+                ("content-type".into(), "application/json".into()),
+                right.clone(),
+            ],
+            401,
+        ),
+        (
+            "basic and a wrong signature",
+            with(
+                signed_headers("wrong-secret-0123456789", &new_id(), now_secs(), BODY),
+                &right.0,
+                &right.1,
+            ),
+            401,
+        ),
+        (
+            "signature and wrong basic",
+            with(
+                signed(&new_id(), BODY),
+                "authorization",
+                &basic("ocrolus:nope").1,
+            ),
+            401,
+        ),
+        (
+            "both",
+            with(signed(&new_id(), BODY), &right.0, &right.1),
+            200,
+        ),
+    ];
+    for (what, headers, expect) in cases {
+        assert_eq!(post(&relay, &headers, BODY).await.0, expect, "{what}");
+    }
+    assert_eq!(
+        broker.drain(&queue, 1, Duration::from_secs(5)).await.len(),
+        1
+    );
+    assert_nothing_published(&broker, &queue).await;
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn error_bodies_never_echo_credentials() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = TestRelay::start(RelayOptions {
+        extra: vec!["--basic-auth-file".into(), basic_file(dir.path())],
+        ..RelayOptions::default()
+    })
+    .await;
+    let id = new_id();
+    // Signed with a secret the relay does not know, with a password it does
+    // not know: neither may come back, nor which check failed.
+    let leaked_secret = "some-secret-the-relay-does-not-know";
+    let headers = with(
+        signed_headers(leaked_secret, &id, now_secs(), BODY),
+        "authorization",
+        &basic("ocrolus:hunter2-guess").1,
+    );
+    let signature = headers
+        .iter()
+        .find(|(k, _)| k == "webhook-signature")
+        .map(|(_, v)| v.clone())
+        .expect("signature");
+    let (status, answer_headers, body) = post(&relay, &headers, BODY).await;
+    assert_eq!(status, 401);
+    assert_eq!(&body[..], br#"{"error":"unauthorized"}"#);
+    let all = format!("{answer_headers:?}{}", String::from_utf8_lossy(&body));
+    for secret in [signature.as_str(), "hunter2-guess", leaked_secret, SECRET] {
+        assert!(!all.contains(secret), "answer echoes {secret:?}");
+    }
+    let broker = TestBroker::connect().await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+// ---------------------------------------------------------------- TLS
+
+/// Writes a fresh self-signed certificate for `localhost` to `cert.pem` and
+/// `key.pem` in `dir` (replacing earlier ones) and returns it.
+fn write_cert(dir: &Path) -> CertificateDer<'static> {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
+    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).expect("write key");
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).expect("write cert");
+    certified.cert.der().clone()
+}
+
+fn tls_relay_options(dir: &Path, extra: &[&str]) -> RelayOptions {
+    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    extra.extend([
+        "--tls-cert".into(),
+        dir.join("cert.pem").display().to_string(),
+        "--tls-key".into(),
+        dir.join("key.pem").display().to_string(),
+    ]);
+    RelayOptions {
+        extra,
+        ..RelayOptions::default()
+    }
+}
+
+/// A TLS client trusting only `roots`, offering `alpn`, limited to
+/// `versions` (rustls cannot even speak TLS 1.1 or older).
+fn connector(
+    roots: &[CertificateDer<'static>],
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).expect("root certificate");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .expect("protocol versions")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+async fn tls_connect(addr: SocketAddr, connector: &TlsConnector) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("server name");
+    connector.connect(name, tcp).await.expect("TLS handshake")
+}
+
+/// What the client learned from the handshake.
+struct Negotiated {
+    version: Option<ProtocolVersion>,
+    alpn: Option<Vec<u8>>,
+    leaf: Option<CertificateDer<'static>>,
+}
+
+fn negotiated(stream: &TlsStream<TcpStream>) -> Negotiated {
+    let conn = stream.get_ref().1;
+    Negotiated {
+        version: conn.protocol_version(),
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        leaf: conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|c| c.clone().into_owned()),
+    }
+}
+
+/// One POST over a TLS connection, HTTP/2 when ALPN chose it.
+async fn tls_post(
+    relay: &TestRelay,
+    connector: &TlsConnector,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> (Answer, Negotiated) {
+    let stream = tls_connect(relay.addr, connector).await;
+    let info = negotiated(&stream);
+    let io = TokioIo::new(stream);
+    let uri = format!("https://localhost:{}/webhooks/ocrolus", relay.addr.port());
+    let mut builder = Request::builder().method("POST").uri(uri);
+    for (k, v) in headers {
+        builder = builder.header(k.as_str(), v.as_str());
+    }
+    let req = builder
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .expect("request");
+    let response = if info.alpn.as_deref() == Some(b"h2") {
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        sender.send_request(req).await.expect("h2 response")
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("h1 handshake");
+        tokio::spawn(conn);
+        let mut req = req;
+        *req.uri_mut() = "/webhooks/ocrolus".parse().expect("path");
+        req.headers_mut()
+            .insert("host", http::HeaderValue::from_static("localhost"));
+        sender.send_request(req).await.expect("h1 response")
+    };
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    ((status, headers, body), info)
+}
+
+const TLS_BOTH: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+#[tokio::test]
+async fn tls_serves_http1_and_h2_and_refuses_plaintext() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = write_cert(dir.path());
+    let relay = TestRelay::start(tls_relay_options(dir.path(), &[])).await;
+    assert!(relay.url.starts_with("https://"));
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let roots = [cert.clone()];
+    let cases: [(&str, TlsConnector, &[u8], ProtocolVersion); 3] = [
+        (
+            "h2, TLS 1.3",
+            connector(&roots, &[b"h2", b"http/1.1"], TLS_BOTH),
+            b"h2",
+            ProtocolVersion::TLSv1_3,
+        ),
+        (
+            "http/1.1, TLS 1.3",
+            connector(&roots, &[b"http/1.1"], TLS_BOTH),
+            b"http/1.1",
+            ProtocolVersion::TLSv1_3,
+        ),
+        (
+            "h2, TLS 1.2",
+            connector(&roots, &[b"h2"], &[&rustls::version::TLS12]),
+            b"h2",
+            ProtocolVersion::TLSv1_2,
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (what, connector, alpn, version) in &cases {
+        let id = new_id();
+        let ((status, _, body), info) = tls_post(&relay, connector, &signed(&id, BODY), BODY).await;
+        assert_eq!(status, 200, "{what}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(info.alpn.as_deref(), Some(*alpn), "{what}");
+        assert_eq!(info.version, Some(*version), "{what}");
+        assert_eq!(info.leaf.as_ref(), Some(&cert), "{what}");
+        ids.push(id);
+    }
+    let got = broker
+        .drain(&queue, ids.len(), Duration::from_secs(5))
+        .await;
+    let got: Vec<String> = got.iter().map(message_id).collect();
+    assert_eq!(got, ids, "each delivery published once, in order");
+
+    // Plaintext HTTP on the TLS port: no HTTP answer, a counted failure.
+    let before = relay
+        .metric("ocrolus_relay_tls_handshake_failures_total")
+        .await;
+    let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
+    let headers = with(
+        signed(&new_id(), BODY),
+        "content-length",
+        &BODY.len().to_string(),
+    );
+    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
+    bytes.extend(BODY);
+    stream.write_all(&bytes).await.expect("write");
+    let raw = read_response(&mut stream, Duration::from_secs(10)).await;
+    assert!(
+        raw.status.is_none() && raw.closed,
+        "plaintext got {:?}",
+        raw.text
+    );
+    let after = wait_metric(&relay, "ocrolus_relay_tls_handshake_failures_total", |v| {
+        v > before
+    })
+    .await;
+    assert_eq!(after, before + 1.0);
+    assert_nothing_published(&broker, &queue).await;
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+// ---------------------------------------------------------------- reload
+
+#[tokio::test]
+async fn reload_swaps_the_certificate_and_keeps_requests_in_flight() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old_cert = write_cert(dir.path());
+    let relay = TestRelay::start(tls_relay_options(dir.path(), &["--body-timeout", "60"])).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+
+    // A delivery started before the reload, its body half sent.
+    let slow_id = new_id();
+    let only_old = connector(std::slice::from_ref(&old_cert), &[b"http/1.1"], TLS_BOTH);
+    let mut slow = tls_connect(relay.addr, &only_old).await;
+    assert_eq!(negotiated(&slow).leaf.as_ref(), Some(&old_cert));
+    let headers = with(
+        signed(&slow_id, BODY),
+        "content-length",
+        &BODY.len().to_string(),
+    );
+    let mut start = raw_head(relay.addr, &headers).into_bytes();
+    start.extend(&BODY[..10]);
+    slow.write_all(&start).await.expect("write");
+    slow.flush().await.expect("flush");
+    let in_flight = "ocrolus_relay_requests_in_flight";
+    assert_eq!(wait_metric(&relay, in_flight, |v| v == 1.0).await, 1.0);
+
+    let new_cert = write_cert(dir.path());
+    relay
+        .relay()
+        .state()
+        .reload()
+        .expect("reload with a good certificate");
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_config_reloads_total{result="success"}"#)
+            .await,
+        1.0
+    );
+    let fresh_id = new_id();
+    let trust_both = connector(
+        &[old_cert.clone(), new_cert.clone()],
+        &[b"http/1.1"],
+        TLS_BOTH,
+    );
+    let ((status, _, _), info) =
+        tls_post(&relay, &trust_both, &signed(&fresh_id, BODY), BODY).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        info.leaf.as_ref(),
+        Some(&new_cert),
+        "new handshakes see the new certificate"
+    );
+
+    slow.write_all(&BODY[10..]).await.expect("write rest");
+    slow.flush().await.expect("flush");
+    let raw = read_response(&mut slow, Duration::from_secs(10)).await;
+    assert_eq!(
+        raw.status,
+        Some(200),
+        "in-flight request survives the reload: {}",
+        raw.text
+    );
+
+    let got = broker.drain(&queue, 2, Duration::from_secs(5)).await;
+    let mut got: Vec<String> = got.iter().map(message_id).collect();
+    got.sort();
+    let mut want = vec![slow_id, fresh_id];
+    want.sort();
+    assert_eq!(got, want);
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn reload_rejects_a_bad_allowlist_and_applies_a_good_one() {
+    let relay = TestRelay::start(RelayOptions::default()).await;
+    let allowlist = relay.dir.path().join("allowlist.yaml");
+    let failures = r#"ocrolus_relay_config_reloads_total{result="failure"}"#;
+    let garbage: [&[u8]; 4] = [
+        b"}}} this is not yaml {{{\n",
+        b"allow:\n  - not-an-address\n",
+        b"allow: []\n",
+        b"\xff\xfe\x00binary",
+    ];
+    for (i, text) in garbage.iter().enumerate() {
+        std::fs::write(&allowlist, text).expect("write allowlist");
+        assert!(
+            relay.relay().state().reload().is_err(),
+            "garbage {i} accepted"
+        );
+        assert_eq!(relay.metric(failures).await, (i + 1) as f64);
+        // The old policy (127.0.0.1 allowed) is still in force.
+        assert_eq!(
+            post_signed(&relay, &new_id(), BODY).await.0,
+            200,
+            "after garbage {i}"
+        );
+    }
+    std::fs::write(&allowlist, "allow:\n  - 203.0.113.7/32 # someone else\n").expect("write");
+    relay.relay().state().reload().expect("good allowlist");
+    assert_eq!(
+        post_signed(&relay, &new_id(), BODY).await.0,
+        403,
+        "127.0.0.1 no longer allowed"
+    );
+    std::fs::write(&allowlist, "allow:\n  - 127.0.0.0/8\n").expect("write");
+    relay.relay().state().reload().expect("good allowlist");
+    assert_eq!(post_signed(&relay, &new_id(), BODY).await.0, 200);
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_config_reloads_total{result="success"}"#)
+            .await,
+        2.0
+    );
+    let broker = TestBroker::connect().await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+// ---------------------------------------------------------------- PROXY protocol
+
+/// One signed delivery on a connection that starts with `preamble`.
+async fn post_after(relay: &TestRelay, preamble: &[u8], id: &str) -> u16 {
+    let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
+    stream.write_all(preamble).await.expect("write preamble");
+    let headers = with(signed(id, BODY), "content-length", &BODY.len().to_string());
+    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
+    bytes.extend(BODY);
+    stream.write_all(&bytes).await.expect("write");
+    let raw = read_response(&mut stream, Duration::from_secs(10)).await;
+    raw.status.unwrap_or(0)
+}
+
+#[tokio::test]
+async fn proxy_protocol_names_the_client() {
+    let relay = TestRelay::start(opts(&["203.0.113.7/32"], &[], &["--proxy-protocol"])).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+
+    let id = new_id();
+    let status = post_after(
+        &relay,
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 443\r\n",
+        &id,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = broker.drain(&queue, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(message_id(&got[0]), id);
+    assert_eq!(
+        amqp_header(&got[0], "x-relay-client-ip").as_deref(),
+        Some("203.0.113.7")
+    );
+
+    let status = post_after(
+        &relay,
+        b"PROXY TCP4 198.51.100.9 127.0.0.1 51000 443\r\n",
+        &new_id(),
+    )
+    .await;
+    assert_eq!(status, 403, "a named client outside the allowlist");
+    // No header: the connection is closed without an HTTP answer.
+    assert_eq!(post_after(&relay, b"", &new_id()).await, 0);
+    let status = post_after(&relay, b"PROXY TCP4 not-an-address\r\n", &new_id()).await;
+    assert_eq!(status, 0, "a malformed header closes too");
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="bad_proxy_header"}"#)
+            .await,
+        2.0
+    );
+    assert_nothing_published(&broker, &queue).await;
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_header_timeout() {
+    let header_timeout = Duration::from_secs(1);
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--header-timeout", "1"])).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let uri = format!("http://{}/webhooks/ocrolus", relay.addr);
+    for (what, send_one) in [
+        ("h2 after a delivery", true),
+        ("h2 that never sends a request", false),
+    ] {
+        let stream = TcpStream::connect(relay.addr).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2c handshake");
+        let conn = tokio::spawn(conn);
+        if send_one {
+            let mut req = Request::builder().method("POST").uri(&uri);
+            for (k, v) in signed(&new_id(), BODY) {
+                req = req.header(k, v);
+            }
+            let req = req
+                .body(Full::new(Bytes::from_static(BODY)))
+                .expect("request");
+            let response = sender.send_request(req).await.expect("h2 response");
+            assert_eq!(response.status(), 200, "{what}");
+        }
+        let ended = tokio::time::timeout(header_timeout + MARGIN, conn).await;
+        assert!(
+            ended.is_ok(),
+            "{what}: still open after {:?}",
+            header_timeout + MARGIN
+        );
+    }
+    // HTTP/1.1 keep-alive: the same limit, from hyper's own timer.
+    let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
+    let headers = with(
+        signed(&new_id(), BODY),
+        "content-length",
+        &BODY.len().to_string(),
+    );
+    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
+    bytes.extend(BODY);
+    stream.write_all(&bytes).await.expect("write");
+    assert_eq!(read_response(&mut stream, MARGIN).await.status, Some(200));
+    assert!(
+        closed_within(&mut stream, header_timeout + MARGIN)
+            .await
+            .is_some(),
+        "h1 keep-alive"
+    );
+    assert_eq!(
+        broker.drain(&queue, 2, Duration::from_secs(5)).await.len(),
+        2
+    );
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="header_timeout"}"#)
+            .await,
+        1.0,
+        "only the connection that never sent a request counts as a rejection"
+    );
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
