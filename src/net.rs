@@ -109,7 +109,7 @@ impl NetPolicy {
         &self.trusted_proxies
     }
 
-    fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }
 

@@ -101,6 +101,17 @@ async fn connection(
     let header_timeout = state.config.limits.header_timeout;
     let mut peer_ip = peer.ip();
     if state.config.proxy_protocol {
+        // A PROXY header names any address it likes: believe it only from
+        // the load balancers listed as trusted proxies.
+        if !state.policy().net.is_trusted_proxy(peer_ip.to_canonical()) {
+            state
+                .metrics
+                .rejections
+                .with_label_values(&["untrusted_proxy_peer"])
+                .inc();
+            info!(%peer, "PROXY protocol from a peer outside trusted_proxies; closing");
+            return;
+        }
         match tokio::time::timeout(header_timeout, proxy_protocol::read_header(&mut stream)).await {
             Ok(Ok(Some(source))) => peer_ip = source,
             Ok(Ok(None)) => {}

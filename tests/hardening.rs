@@ -1266,7 +1266,12 @@ async fn post_after(relay: &TestRelay, preamble: &[u8], id: &str) -> u16 {
 
 #[tokio::test]
 async fn proxy_protocol_names_the_client() {
-    let relay = TestRelay::start(opts(&["203.0.113.7/32"], &[], &["--proxy-protocol"])).await;
+    let relay = TestRelay::start(opts(
+        &["203.0.113.7/32"],
+        &["127.0.0.1/32"],
+        &["--proxy-protocol"],
+    ))
+    .await;
     let broker = TestBroker::connect().await;
     let queue = broker.bind_queue(&relay.exchange, "#").await;
 
@@ -1302,6 +1307,32 @@ async fn proxy_protocol_names_the_client() {
             .metric(r#"ocrolus_relay_rejections_total{reason="bad_proxy_header"}"#)
             .await,
         2.0
+    );
+    assert_nothing_published(&broker, &queue).await;
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn proxy_protocol_is_believed_only_from_trusted_proxies() {
+    // The peer (127.0.0.1) is not a trusted proxy: whatever its PROXY header
+    // claims, the connection is closed and nothing is published.
+    let relay = TestRelay::start(opts(&["203.0.113.7/32"], &[], &["--proxy-protocol"])).await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let status = post_after(
+        &relay,
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 443\r\n",
+        &new_id(),
+    )
+    .await;
+    assert_eq!(status, 0, "closed without an HTTP answer");
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="untrusted_proxy_peer"}"#)
+            .await,
+        1.0
     );
     assert_nothing_published(&broker, &queue).await;
     broker.delete_queue(&queue).await;
