@@ -116,6 +116,9 @@ pub struct ServeArgs {
     /// Seconds allowed to send the request body.
     #[arg(long, env = "RELAY_BODY_TIMEOUT", default_value = "10", value_parser = parse_secs)]
     pub body_timeout: Duration,
+    /// Seconds one request may take from headers to answer, whatever it waits for.
+    #[arg(long, env = "RELAY_REQUEST_TIMEOUT", default_value = "15", value_parser = parse_secs)]
+    pub request_timeout: Duration,
     /// Maximum open client connections; more are closed at once.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -253,6 +256,7 @@ pub struct Limits {
     pub max_body: usize,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    pub request_timeout: Duration,
     pub max_connections: usize,
     pub max_in_flight: usize,
     pub rate_per_ip: u32,
@@ -367,6 +371,11 @@ impl Config {
         if args.confirm_timeout.is_zero() {
             return Err(ConfigError::new("--confirm-timeout must be positive"));
         }
+        if args.request_timeout <= args.confirm_timeout {
+            return Err(ConfigError::new(
+                "--request-timeout must be longer than --confirm-timeout (a request waits for the confirm, then the spool)",
+            ));
+        }
         let allowlist = if args.dev && !args.allowlist.exists() {
             None
         } else if args.dev && args.allowlist == Path::new("allowlist.yaml") {
@@ -408,6 +417,7 @@ impl Config {
                 max_body: args.max_body,
                 header_timeout: args.header_timeout,
                 body_timeout: args.body_timeout,
+                request_timeout: args.request_timeout,
                 max_connections: args.max_connections,
                 max_in_flight: args.max_in_flight,
                 rate_per_ip: args.rate_limit_per_ip,

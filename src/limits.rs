@@ -156,6 +156,7 @@ mod tests {
             max_body: 1024,
             header_timeout: Duration::from_secs(1),
             body_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(2),
             max_connections: 10,
             max_in_flight: in_flight,
             rate_per_ip: per_ip,

@@ -255,6 +255,7 @@ pub enum Reject {
     Auth(AuthError),
     Event(EventError),
     Unavailable(SpoolError),
+    Deadline,
 }
 
 struct Answer {
@@ -336,6 +337,14 @@ impl Reject {
                 retry_after: Some(30),
                 ..plain(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.reason())
             },
+            Self::Deadline => Answer {
+                retry_after: Some(1),
+                ..plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    "request_deadline",
+                )
+            },
         }
     }
 }
@@ -383,7 +392,15 @@ async fn handle(state: &AppState, peer: IpAddr, req: Request<Incoming>) -> Respo
         .and_then(|v| v.to_str().ok())
         .and_then(DeliveryId::parse);
     state.metrics.requests_in_flight.inc();
-    let result = pipeline(state, peer, req).await;
+    // The whole-request deadline. Dropping the pipeline mid-delivery is
+    // safe: the answer is not 200, so Ocrolus retries; at worst the event
+    // was spooled meanwhile and is delivered twice (at least once).
+    let result = tokio::time::timeout(
+        state.config.limits.request_timeout,
+        pipeline(state, peer, req),
+    )
+    .await
+    .unwrap_or_else(|_| Err((ClientIp::new(peer), Reject::Deadline)));
     state.metrics.requests_in_flight.dec();
     let latency = started.elapsed();
     let metrics = &state.metrics;

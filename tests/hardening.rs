@@ -510,6 +510,55 @@ async fn slow_headers_are_cut_off_while_others_are_served() {
 }
 
 #[tokio::test]
+async fn whole_request_deadline_bounds_a_request_whatever_it_waits_for() {
+    // The body timeout is generous, the request deadline is not: a body that
+    // trickles in is cut at the deadline with 503 "timeout".
+    let deadline = Duration::from_secs(3);
+    let relay = TestRelay::start(opts(
+        &["127.0.0.1/32"],
+        &[],
+        &["--body-timeout", "30", "--request-timeout", "3"],
+    ))
+    .await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let body = format!(
+        r#"{{"event_name":"book.verified","padding":"{}"}}"#,
+        "x".repeat(100)
+    );
+    let headers = with(
+        signed(&new_id(), body.as_bytes()),
+        "content-length",
+        &body.len().to_string(),
+    );
+    let stream = TcpStream::connect(relay.addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.into_split();
+    writer
+        .write_all(raw_head(relay.addr, &headers).as_bytes())
+        .await
+        .expect("write head");
+    let rest = body.as_bytes().to_vec();
+    let trickler = tokio::spawn(async move {
+        trickle(&mut writer, &rest, Duration::from_millis(250)).await;
+    });
+    let raw = read_response(&mut reader, deadline + MARGIN).await;
+    trickler.abort();
+    assert_eq!(raw.status, Some(503), "{}", raw.text);
+    assert!(raw.text.contains(r#"{"error":"timeout"}"#), "{}", raw.text);
+    assert!(raw.elapsed < deadline + MARGIN);
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="request_deadline"}"#)
+            .await,
+        1.0
+    );
+    assert_nothing_published(&broker, &queue).await;
+    broker.delete_queue(&queue).await;
+    relay.cleanup(&broker).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
 async fn slow_body_gets_408_while_others_are_served() {
     let body_timeout = Duration::from_secs(1);
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--body-timeout", "1"])).await;
