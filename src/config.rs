@@ -49,17 +49,8 @@ pub struct ServeArgs {
     /// Expect a PROXY protocol (v1 or v2) header on every connection.
     #[arg(long, env = "RELAY_PROXY_PROTOCOL")]
     pub proxy_protocol: bool,
-    /// RabbitMQ URL (amqp:// or amqps://).
-    #[arg(
-        long,
-        env = "RELAY_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_default_value = true
-    )]
-    pub amqp_url: String,
-    /// Topic exchange the events are published to.
-    #[arg(long, env = "RELAY_EXCHANGE", default_value = "ocrolus.events")]
-    pub exchange: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// Alternate exchange (and queue) for events nobody is bound to; '' = none.
     #[arg(
         long,
@@ -153,6 +144,22 @@ pub struct ServeArgs {
     /// printed development secret.
     #[arg(long, env = "RELAY_DEV")]
     pub dev: bool,
+}
+
+/// Where events go; shared by `serve`, `tail` and `spool replay`.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL (amqp:// or amqps://).
+    #[arg(
+        long,
+        env = "RELAY_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = true
+    )]
+    pub amqp_url: String,
+    /// Topic exchange the events are published to.
+    #[arg(long, env = "RELAY_EXCHANGE", default_value = "ocrolus.events")]
+    pub exchange: String,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -340,12 +347,12 @@ impl Config {
                 args.webhook_path
             )));
         }
-        check_exchange_name("--exchange", &args.exchange)?;
+        check_exchange_name("--exchange", &args.broker.exchange)?;
         let alternate_exchange = match args.alternate_exchange.as_str() {
             "" => None,
             name => {
                 check_exchange_name("--alternate-exchange", name)?;
-                if name == args.exchange {
+                if name == args.broker.exchange {
                     return Err(ConfigError::new(
                         "--alternate-exchange must differ from --exchange",
                     ));
@@ -353,7 +360,8 @@ impl Config {
                 Some(name.to_owned())
             }
         };
-        args.amqp_url
+        args.broker
+            .amqp_url
             .parse::<lapin::uri::AMQPUri>()
             .map_err(|e| ConfigError::new(format!("--amqp-url: {e}")))?;
         if args.publish_channels == 0 || args.publish_channels > 64 {
@@ -401,8 +409,8 @@ impl Config {
                 timestamp_tolerance: args.timestamp_tolerance,
             },
             broker: BrokerConfig {
-                url: args.amqp_url.clone(),
-                exchange: args.exchange.clone(),
+                url: args.broker.amqp_url.clone(),
+                exchange: args.broker.exchange.clone(),
                 alternate_exchange,
                 declare: !args.no_declare,
                 confirm_timeout: args.confirm_timeout,

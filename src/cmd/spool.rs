@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
-use crate::config::BrokerConfig;
+use crate::config::{BrokerArgs, BrokerConfig};
 use crate::metrics::Metrics;
 use crate::spool::SpoolFile;
 
@@ -34,15 +34,8 @@ pub enum SpoolAction {
     },
     /// Publish every spooled event (with confirms) and remove each confirmed one.
     Replay {
-        #[arg(
-            long,
-            env = "RELAY_AMQP_URL",
-            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-            hide_default_value = true
-        )]
-        amqp_url: String,
-        #[arg(long, env = "RELAY_EXCHANGE", default_value = "ocrolus.events")]
-        exchange: String,
+        #[command(flatten)]
+        broker: BrokerArgs,
     },
 }
 
@@ -74,11 +67,11 @@ pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        SpoolAction::Replay { amqp_url, exchange } => {
+        SpoolAction::Replay { broker } => {
             let broker = Broker::new(
                 BrokerConfig {
-                    url: amqp_url,
-                    exchange,
+                    url: broker.amqp_url,
+                    exchange: broker.exchange,
                     alternate_exchange: None,
                     declare: false,
                     confirm_timeout: Duration::from_secs(5),

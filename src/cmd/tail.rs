@@ -8,17 +8,12 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use serde_json::{Map, Value, json};
 
+use crate::config::BrokerArgs;
+
 #[derive(Debug, clap::Args)]
 pub struct TailArgs {
-    #[arg(
-        long,
-        env = "RELAY_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_default_value = true
-    )]
-    pub amqp_url: String,
-    #[arg(long, env = "RELAY_EXCHANGE", default_value = "ocrolus.events")]
-    pub exchange: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// Binding pattern (repeatable), e.g. 'document.#'.
     #[arg(long = "binding", default_value = "#")]
     pub bindings: Vec<String>,
@@ -28,7 +23,7 @@ pub struct TailArgs {
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let connection = Connection::connect(&args.amqp_url, ConnectionProperties::default())
+    let connection = Connection::connect(&args.broker.amqp_url, ConnectionProperties::default())
         .await
         .context("connecting to the broker")?;
     let channel = connection.create_channel().await?;
@@ -47,17 +42,17 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         channel
             .queue_bind(
                 queue.name().clone(),
-                args.exchange.as_str().into(),
+                args.broker.exchange.as_str().into(),
                 binding.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .with_context(|| format!("binding to exchange {}", args.exchange))?;
+            .with_context(|| format!("binding to exchange {}", args.broker.exchange))?;
     }
     eprintln!(
         "tailing exchange {} with {:?}",
-        args.exchange, args.bindings
+        args.broker.exchange, args.bindings
     );
     let mut consumer = channel
         .basic_consume(
