@@ -25,6 +25,9 @@ use crate::{admin, server};
 
 /// How often idle rate-limit buckets are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Bound for the background tasks (drainer, supervisor with its clean AMQP
+/// close, admin) to stop once told to: one bound for all, not one each.
+const BACKGROUND_STOP: Duration = Duration::from_secs(5);
 
 /// Everything a request needs, shared by all connections.
 pub struct AppState {
@@ -186,8 +189,10 @@ impl Relay {
 
     /// Graceful shutdown: readiness 503 at once, keep serving for the grace
     /// period, stop accepting, let requests in flight finish within the
-    /// deadline, then stop the drainer and close the broker connection.
-    /// Undelivered events stay in the spool for the next start.
+    /// deadline, spend what is left of the deadline flushing the spool to
+    /// the broker (if it is up), then stop the drainer and close the broker
+    /// connection cleanly. Undelivered events stay in the spool for the next
+    /// start. Total time: grace + deadline + at most [`BACKGROUND_STOP`].
     pub async fn shutdown(self) {
         self.state.draining.store(true, Ordering::Relaxed);
         let _ = self.state.readiness();
@@ -196,16 +201,42 @@ impl Relay {
             info!(?grace, "draining: readiness is 503, still serving");
             tokio::time::sleep(grace).await;
         }
+        let deadline = tokio::time::Instant::now() + self.state.config.shutdown.deadline;
         self.stop_accepting.cancel();
         if let Err(e) = self.server.await {
             warn!(error = %e, "public listener task failed");
         }
+        flush_spool(&self.state, deadline).await;
         self.stop_background.cancel();
-        for task in self.background {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        let stopped = tokio::time::timeout(
+            BACKGROUND_STOP,
+            futures_util::future::join_all(self.background),
+        )
+        .await;
+        if stopped.is_err() {
+            warn!(?BACKGROUND_STOP, "background tasks did not stop in time");
         }
         let left = self.state.outbox.spool.stats().messages;
+        self.state.outbox.spool.close().await;
         info!(spooled = left, "ocrolus-relay stopped");
+    }
+}
+
+/// Lets the drainer empty the spool while the broker is up, until
+/// `deadline`: a spool on an ephemeral volume would otherwise keep accepted
+/// events away from subscribers until some later start.
+async fn flush_spool(state: &AppState, deadline: tokio::time::Instant) {
+    let outbox = &state.outbox;
+    let before = outbox.spool.stats().messages;
+    if before == 0 {
+        return;
+    }
+    info!(spooled = before, "flushing the spool before stopping");
+    while outbox.spool.stats().messages > 0
+        && outbox.broker.is_up()
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -40,7 +40,12 @@ use crate::metrics::Metrics;
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Reconnect attempts are cheap (a refused TCP connect) and the spool waits
+/// for the broker: a short ceiling keeps recovery after an outage prompt.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a clean close (`connection.close` / `close-ok`) may take at
+/// shutdown before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a publish was not confirmed. Each is a metric reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +89,8 @@ pub struct Broker {
     /// is still the current one.
     suspect: AtomicU64,
     wake: Notify,
+    /// Wakes the spool drainer as soon as a new link is up.
+    up: Notify,
     metrics: Arc<Metrics>,
 }
 
@@ -96,6 +103,7 @@ impl Broker {
             next_channel: AtomicUsize::new(0),
             suspect: AtomicU64::new(0),
             wake: Notify::new(),
+            up: Notify::new(),
             metrics,
         })
     }
@@ -103,6 +111,12 @@ impl Broker {
     /// True while a confirm channel is open and the broker does not block us.
     pub fn is_up(&self) -> bool {
         self.link.load().is_some() && !self.blocked.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when a link comes up after this call (the drainer waits on
+    /// it so that recovery does not wait for a poll interval).
+    pub async fn became_up(&self) {
+        self.up.notified().await;
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -195,7 +209,9 @@ impl Broker {
     }
 
     fn report_broken(&self, generation: u64) {
-        self.suspect.store(generation, Ordering::Relaxed);
+        // Only ever raised: a late report about an older link must not hide
+        // a report about the current one.
+        self.suspect.fetch_max(generation, Ordering::Relaxed);
         self.wake.notify_one();
     }
 
@@ -220,15 +236,20 @@ impl Broker {
                     backoff.reset();
                     self.link.store(Some(Arc::new(link)));
                     self.metrics.broker_up.set(1);
+                    self.up.notify_waiters();
                     let reason = self.watch(&connection, generation, &shutdown).await;
                     self.link.store(None);
                     self.blocked.store(false, Ordering::Relaxed);
                     self.metrics.broker_up.set(0);
                     self.metrics.broker_blocked.set(0);
-                    close_quietly(connection);
                     if shutdown.is_cancelled() {
+                        // Shutdown: close cleanly and wait for it, so the
+                        // broker sees a clean close rather than a reset.
+                        close(connection).await;
                         break;
                     }
+                    // A lost link: do not let a dead peer delay the reconnect.
+                    tokio::spawn(close(connection));
                     warn!(%reason, "broker connection lost; reconnecting");
                 }
                 Err(e) => {
@@ -417,14 +438,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-fn close_quietly(connection: Connection) {
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            connection.close(200, "ocrolus-relay closing".into()),
-        )
-        .await;
-    });
+/// Closes a connection, bounded by [`CLOSE_TIMEOUT`]; errors are moot.
+async fn close(connection: Connection) {
+    let _ = tokio::time::timeout(
+        CLOSE_TIMEOUT,
+        connection.close(200, "ocrolus-relay closing".into()),
+    )
+    .await;
 }
 
 /// Capped exponential backoff with full jitter.

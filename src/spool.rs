@@ -5,10 +5,14 @@
 //!
 //! Storage is redb: an embedded, pure-Rust, ACID store whose commits are
 //! fsynced (crash-safe under `kill -9` and power loss, no server to run). One
-//! writer thread owns all writes and commits whatever has queued up in one
-//! transaction, so concurrent requests share an fsync (group commit). The
-//! spool is bounded by bytes and by count; when full, it refuses instead of
-//! dropping, and the request gets 503 so Ocrolus retries.
+//! store thread owns the database: it commits whatever writes have queued up
+//! in one transaction, so concurrent requests share an fsync (group commit),
+//! and it serves the drainer's reads. Because it alone holds the database it
+//! can close and reopen it after an I/O error (disk full, say): redb refuses
+//! all work after one (`PreviousIo`), and without a reopen a moment of full
+//! disk would turn every later event into a 503 until restart. The spool is
+//! bounded by bytes and by count; when full, it refuses instead of dropping,
+//! and the request gets 503 so Ocrolus retries.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,7 +35,7 @@ const MAX_BATCH: usize = 1024;
 /// Events read per drain round.
 const DRAIN_BATCH: usize = 256;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool is full")]
     Full,
@@ -54,9 +58,17 @@ fn storage<E: std::fmt::Display>(e: E) -> SpoolError {
     SpoolError::Storage(e.to_string())
 }
 
-enum Write {
-    Append(Vec<u8>, oneshot::Sender<Result<(), SpoolError>>),
-    Remove(Vec<u64>, oneshot::Sender<Result<(), SpoolError>>),
+type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
+
+/// Work for the store thread.
+enum Op {
+    Append(Vec<u8>, Reply<()>),
+    Remove(Vec<u64>, Reply<()>),
+    /// The oldest `n` events. Reads go through the store thread too, so that
+    /// nothing else holds the database when it has to be reopened.
+    Read(usize, Reply<Vec<(u64, Envelope)>>),
+    /// Close the database and stop: later operations fail with `Closed`.
+    Close(Reply<()>),
 }
 
 /// Counts kept in memory so admission never touches the disk.
@@ -69,8 +81,7 @@ pub struct SpoolStats {
 }
 
 pub struct Spool {
-    db: Arc<Database>,
-    writes: mpsc::Sender<Write>,
+    ops: mpsc::Sender<Op>,
     stats: Arc<Mutex<SpoolStats>>,
     config: SpoolConfig,
     metrics: Arc<Metrics>,
@@ -79,14 +90,20 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// Opens (or creates) the spool and starts its writer thread.
+    /// Opens (or creates) the spool and starts its store thread.
     pub fn open(config: SpoolConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, SpoolError> {
-        let db = Arc::new(open_db(&config.dir)?);
+        let db = open_db(&config.dir)?;
         let stats = Arc::new(Mutex::new(scan(&db)?));
-        let (writes, queue) = mpsc::channel(MAX_BATCH * 4);
+        let next_key = last_key(&db).map_err(storage)?.map_or(0, |k| k + 1);
+        let store = Store {
+            path: config.dir.join(FILE_NAME),
+            db: Some(db),
+            next_key,
+            metrics: metrics.clone(),
+        };
+        let (ops, queue) = mpsc::channel(MAX_BATCH * 4);
         let spool = Arc::new(Self {
-            db: db.clone(),
-            writes,
+            ops,
             stats: stats.clone(),
             config,
             metrics,
@@ -94,8 +111,8 @@ impl Spool {
         });
         spool.publish_stats();
         std::thread::Builder::new()
-            .name("spool-writer".into())
-            .spawn(move || writer(db, queue, stats))
+            .name("spool-store".into())
+            .spawn(move || store.run(queue, stats))
             .map_err(storage)?;
         Ok(spool)
     }
@@ -128,7 +145,7 @@ impl Spool {
             s.bytes += len;
             s.oldest_ms.get_or_insert(envelope.received_at_ms);
         }
-        let result = self.submit(|done| Write::Append(record, done)).await;
+        let result = self.submit(|done| Op::Append(record, done)).await;
         if result.is_err() {
             let mut s = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
             s.messages = s.messages.saturating_sub(1);
@@ -141,30 +158,32 @@ impl Spool {
         result
     }
 
-    async fn submit(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<(), SpoolError>>) -> Write,
-    ) -> Result<(), SpoolError> {
+    async fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, SpoolError> {
         let (done, answer) = oneshot::channel();
-        self.writes
+        self.ops
             .send(make(done))
             .await
             .map_err(|_| SpoolError::Closed)?;
         answer.await.map_err(|_| SpoolError::Closed)?
     }
 
+    /// Closes the database file and stops the store thread, so that the
+    /// file lock is released when shutdown returns (not whenever the last
+    /// handle happens to be dropped): a restart in the same process, or the
+    /// `spool` subcommand right after, can open it. Appends after this fail
+    /// with [`SpoolError::Closed`], which is a 503, never a 200.
+    pub async fn close(&self) {
+        let _ = self.submit(Op::Close).await;
+    }
+
     /// The oldest `limit` events, in arrival order.
     pub async fn peek(&self, limit: usize) -> Result<Vec<(u64, Envelope)>, SpoolError> {
-        let db = self.db.clone();
-        let metrics = self.metrics.clone();
-        tokio::task::spawn_blocking(move || read_first(&db, limit, &metrics))
-            .await
-            .map_err(storage)?
+        self.submit(|done| Op::Read(limit, done)).await
     }
 
     /// Removes confirmed events.
     pub async fn remove(&self, keys: Vec<u64>) -> Result<(), SpoolError> {
-        let result = self.submit(|done| Write::Remove(keys, done)).await;
+        let result = self.submit(|done| Op::Remove(keys, done)).await;
         if result.is_err() {
             self.metrics.spool_errors.inc();
         }
@@ -200,9 +219,13 @@ impl Spool {
     }
 
     /// Republishes spooled events, oldest first, whenever the broker is up.
-    /// Each event leaves the spool only after its confirm.
+    /// Each event leaves the spool only after its confirm. Confirmed events
+    /// that could not be removed (storage failing) are removed before
+    /// anything else is published: republishing them round after round
+    /// would flood subscribers with duplicates.
     pub async fn drain(self: Arc<Self>, broker: Arc<Broker>, shutdown: CancellationToken) {
         let mut backoff = Backoff::default();
+        let mut unremoved: Vec<u64> = Vec::new();
         loop {
             self.publish_stats();
             let idle = self.stats().messages == 0 || !broker.is_up();
@@ -210,55 +233,80 @@ impl Spool {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = self.spooled.notified() => {}
+                    _ = broker.became_up() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
                 continue;
             }
-            let batch = match self.peek(DRAIN_BATCH).await {
-                Ok(batch) => batch,
-                Err(e) => {
-                    error!(error = %e, "spool read failed");
-                    self.metrics.spool_errors.inc();
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
+            let result = if unremoved.is_empty() {
+                self.drain_batch(&broker, &shutdown, &mut unremoved).await
+            } else {
+                self.remove_confirmed(&mut unremoved).await
             };
-            let mut confirmed = Vec::with_capacity(batch.len());
-            let mut failure = None;
-            for (key, envelope) in &batch {
-                if shutdown.is_cancelled() {
-                    break;
-                }
-                match broker.publish_ordered(envelope).await {
-                    Ok(()) => confirmed.push(*key),
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
-                }
-            }
-            let drained = confirmed.len() as u64;
-            if drained > 0 {
-                match self.remove(confirmed).await {
-                    Ok(()) => {
-                        self.metrics.spool_drained.inc_by(drained);
-                        info!(drained, left = self.stats().messages, "spool drained");
-                        backoff.reset();
-                    }
-                    Err(e) => {
-                        error!(error = %e, "spool remove failed; events may be published twice")
-                    }
-                }
-            }
             if shutdown.is_cancelled() {
+                if !unremoved.is_empty() {
+                    warn!(
+                        events = unremoved.len(),
+                        "confirmed events still in the spool; they will be published again"
+                    );
+                }
                 return;
             }
-            if let Some(e) = failure {
-                warn!(error = %e, "spool drain paused");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+            match result {
+                Ok(()) => backoff.reset(),
+                Err(reason) => {
+                    warn!(%reason, "spool drain paused");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
                 }
+            }
+        }
+    }
+
+    /// Publishes up to one batch in order, stopping at the first failure.
+    async fn drain_batch(
+        &self,
+        broker: &Broker,
+        shutdown: &CancellationToken,
+        unremoved: &mut Vec<u64>,
+    ) -> Result<(), String> {
+        let batch = self.peek(DRAIN_BATCH).await.map_err(|e| {
+            self.metrics.spool_errors.inc();
+            format!("spool read failed: {e}")
+        })?;
+        let mut failure = None;
+        for (key, envelope) in &batch {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match broker.publish_ordered(envelope).await {
+                Ok(()) => unremoved.push(*key),
+                Err(e) => {
+                    failure = Some(format!("publish failed: {e}"));
+                    break;
+                }
+            }
+        }
+        if !unremoved.is_empty() {
+            self.remove_confirmed(unremoved).await?;
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    async fn remove_confirmed(&self, unremoved: &mut Vec<u64>) -> Result<(), String> {
+        let drained = unremoved.len() as u64;
+        match self.remove(unremoved.clone()).await {
+            Ok(()) => {
+                unremoved.clear();
+                self.metrics.spool_drained.inc_by(drained);
+                info!(drained, left = self.stats().messages, "spool drained");
+                Ok(())
+            }
+            Err(e) => {
+                error!(error = %e, events = drained, "confirmed events cannot be removed from the spool");
+                Err(format!("spool remove failed: {e}"))
             }
         }
     }
@@ -297,12 +345,12 @@ fn read_first(
     db: &Database,
     limit: usize,
     metrics: &Metrics,
-) -> Result<Vec<(u64, Envelope)>, SpoolError> {
-    let txn = db.begin_read().map_err(storage)?;
-    let table = txn.open_table(EVENTS).map_err(storage)?;
+) -> Result<Vec<(u64, Envelope)>, redb::Error> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(EVENTS)?;
     let mut out = Vec::new();
-    for row in table.iter().map_err(storage)?.take(limit) {
-        let (key, value) = row.map_err(storage)?;
+    for row in table.iter()?.take(limit) {
+        let (key, value) = row?;
         match postcard::from_bytes::<Envelope>(value.value()) {
             Ok(envelope) => out.push((key.value(), envelope)),
             Err(e) => {
@@ -314,27 +362,68 @@ fn read_first(
     Ok(out)
 }
 
-/// The single writer: commits every queued write in one transaction.
-fn writer(db: Arc<Database>, mut queue: mpsc::Receiver<Write>, stats: Arc<Mutex<SpoolStats>>) {
-    let mut next_key = match last_key(&db) {
-        Ok(k) => k.map_or(0, |k| k + 1),
-        Err(e) => {
-            error!(error = %e, "spool unreadable; refusing writes");
-            while let Some(w) = queue.blocking_recv() {
-                reply(w, Err(SpoolError::Storage("spool unreadable".into())));
+/// The store thread's state: the only owner of the database.
+struct Store {
+    path: PathBuf,
+    /// `None` after an I/O error closed it; reopened on the next operation.
+    db: Option<Database>,
+    next_key: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Store {
+    /// Serves operations until every [`Spool`] handle is gone: all queued
+    /// writes in one transaction, then the reads.
+    fn run(mut self, mut queue: mpsc::Receiver<Op>, stats: Arc<Mutex<SpoolStats>>) {
+        while let Some(first) = queue.blocking_recv() {
+            let mut writes = Vec::new();
+            let mut reads = Vec::new();
+            let mut close = None;
+            let mut next = Some(first);
+            while let Some(op) = next.take() {
+                match op {
+                    Op::Read(limit, done) => reads.push((limit, done)),
+                    Op::Close(done) => {
+                        close = Some(done);
+                        break;
+                    }
+                    write => writes.push(write),
+                }
+                if writes.len() < MAX_BATCH {
+                    next = queue.try_recv().ok();
+                }
             }
-            return;
-        }
-    };
-    while let Some(first) = queue.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
+            if !writes.is_empty() {
+                let result = self.write(&writes, &stats);
+                for w in writes {
+                    reply(w, result.clone());
+                }
+            }
+            for (limit, done) in reads {
+                let metrics = self.metrics.clone();
+                let result = self.open().and_then(|db| read_first(db, limit, &metrics));
+                let _ = done.send(result.map_err(|e| self.failed(e)));
+            }
+            if let Some(done) = close {
+                // Dropping the database releases its file lock before the
+                // answer; dropping the queue fails whatever comes later.
+                self.db = None;
+                drop(queue);
+                let _ = done.send(Ok(()));
+                return;
             }
         }
-        let result = commit(&db, &batch, &mut next_key);
+    }
+
+    /// Commits `writes` in one transaction and keeps the counts in step.
+    fn write(&mut self, writes: &[Op], stats: &Mutex<SpoolStats>) -> Result<(), SpoolError> {
+        let result = match self.open() {
+            Ok(_) => match &self.db {
+                Some(db) => commit(db, writes, &mut self.next_key),
+                None => Err(redb::Error::DatabaseClosed),
+            },
+            Err(e) => Err(e),
+        };
         match result {
             Ok(snapshot) => {
                 if let Some((removed_bytes, removed, oldest)) = snapshot {
@@ -343,74 +432,102 @@ fn writer(db: Arc<Database>, mut queue: mpsc::Receiver<Write>, stats: Arc<Mutex<
                     s.bytes = s.bytes.saturating_sub(removed_bytes);
                     s.oldest_ms = oldest;
                 }
-                for w in batch {
-                    reply(w, Ok(()));
-                }
+                Ok(())
             }
             Err(e) => {
                 error!(error = %e, "spool commit failed");
-                for w in batch {
-                    reply(w, Err(SpoolError::Storage(e.clone())));
-                }
+                Err(self.failed(e))
             }
         }
+    }
+
+    /// The database, reopened first if an I/O error closed it.
+    fn open(&mut self) -> Result<&Database, redb::Error> {
+        if self.db.is_none() {
+            let db = Database::create(&self.path)?;
+            let last = {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(EVENTS)?;
+                table.last()?.map(|(k, _)| k.value())
+            };
+            // Never reuse a key: arrival order is key order.
+            self.next_key = self.next_key.max(last.map_or(0, |k| k + 1));
+            info!(path = %self.path.display(), "spool reopened after an I/O error");
+            self.db = Some(db);
+        }
+        self.db.as_ref().ok_or(redb::Error::DatabaseClosed)
+    }
+
+    /// After an I/O error redb refuses all further work (`PreviousIo`)
+    /// until the database is closed and reopened: close it now, reopen on
+    /// the next operation.
+    fn failed(&mut self, e: redb::Error) -> SpoolError {
+        if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) && self.db.take().is_some() {
+            warn!(error = %e, "spool closed after an I/O error; reopening on next use");
+        }
+        SpoolError::Storage(e.to_string())
     }
 }
 
 type Removed = Option<(u64, u64, Option<i64>)>;
 
-fn commit(db: &Database, batch: &[Write], next_key: &mut u64) -> Result<Removed, String> {
-    let txn = db.begin_write().map_err(|e| e.to_string())?;
+fn commit(db: &Database, batch: &[Op], next_key: &mut u64) -> Result<Removed, redb::Error> {
+    let txn = db.begin_write()?;
     let mut removed_bytes = 0;
     let mut removed = 0;
     let mut any_removed = false;
     let key_before = *next_key;
-    let oldest = {
-        let mut table = txn.open_table(EVENTS).map_err(|e| e.to_string())?;
+    let written = (|| {
+        let mut table = txn.open_table(EVENTS)?;
         for w in batch {
             match w {
-                Write::Append(record, _) => {
-                    table
-                        .insert(*next_key, record.as_slice())
-                        .map_err(|e| e.to_string())?;
+                Op::Append(record, _) => {
+                    table.insert(*next_key, record.as_slice())?;
                     *next_key += 1;
                 }
-                Write::Remove(keys, _) => {
+                Op::Remove(keys, _) => {
                     any_removed = true;
                     for key in keys {
-                        if let Some(old) = table.remove(key).map_err(|e| e.to_string())? {
+                        if let Some(old) = table.remove(key)? {
                             removed_bytes += old.value().len() as u64;
                             removed += 1;
                         }
                     }
                 }
+                Op::Read(..) | Op::Close(_) => {}
             }
         }
-        let first = table.first().map_err(|e| e.to_string())?;
-        first.and_then(|(_, v)| {
+        let first = table.first()?;
+        Ok::<_, redb::Error>(first.and_then(|(_, v)| {
             postcard::from_bytes::<Envelope>(v.value())
                 .ok()
                 .map(|e| e.received_at_ms)
-        })
-    };
-    if let Err(e) = txn.commit() {
-        *next_key = key_before;
-        return Err(e.to_string());
+        }))
+    })();
+    let committed = written.and_then(|oldest| {
+        txn.commit()?;
+        Ok(oldest)
+    });
+    match committed {
+        Ok(oldest) => Ok(any_removed.then_some((removed_bytes, removed, oldest))),
+        Err(e) => {
+            *next_key = key_before;
+            Err(e)
+        }
     }
-    Ok(any_removed.then_some((removed_bytes, removed, oldest)))
 }
 
-fn last_key(db: &Database) -> Result<Option<u64>, SpoolError> {
-    let txn = db.begin_read().map_err(storage)?;
-    let table = txn.open_table(EVENTS).map_err(storage)?;
-    Ok(table.last().map_err(storage)?.map(|(k, _)| k.value()))
+fn last_key(db: &Database) -> Result<Option<u64>, redb::Error> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(EVENTS)?;
+    Ok(table.last()?.map(|(k, _)| k.value()))
 }
 
-fn reply(w: Write, result: Result<(), SpoolError>) {
-    let done = match w {
-        Write::Append(_, done) | Write::Remove(_, done) => done,
-    };
-    let _ = done.send(result);
+/// Answers a write (a read never reaches here).
+fn reply(w: Op, result: Result<(), SpoolError>) {
+    if let Op::Append(_, done) | Op::Remove(_, done) = w {
+        let _ = done.send(result);
+    }
 }
 
 /// Read-only access for the `spool` subcommand.
@@ -428,7 +545,7 @@ impl SpoolFile {
     }
 
     pub fn list(&self, limit: usize) -> Result<Vec<(u64, Envelope)>, SpoolError> {
-        read_first(&self.db, limit, &Metrics::new())
+        read_first(&self.db, limit, &Metrics::new()).map_err(storage)
     }
 
     pub fn remove(&self, keys: &[u64]) -> Result<(), SpoolError> {

@@ -107,3 +107,23 @@ async fn concurrent_appends_share_commits_and_all_land() {
     ids.dedup();
     assert_eq!(ids.len(), 200);
 }
+
+/// Regression: after `Relay::shutdown` the spool file stayed locked until
+/// every handle was dropped, so a restart in the same process raced it and
+/// failed with "Database already open".
+#[tokio::test]
+async fn close_releases_the_file_at_once_and_refuses_later_appends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool =
+        Spool::open(config(dir.path(), 100, 1 << 20), Arc::new(Metrics::new())).expect("open");
+    spool.append(&envelope(0)).await.expect("append");
+    spool.close().await;
+    assert!(matches!(
+        spool.append(&envelope(1)).await,
+        Err(SpoolError::Closed)
+    ));
+    // Still holding `spool`: the file must nevertheless be free.
+    let again =
+        Spool::open(config(dir.path(), 100, 1 << 20), Arc::new(Metrics::new())).expect("reopen");
+    assert_eq!(again.peek(10).await.expect("peek").len(), 1);
+}
