@@ -67,6 +67,8 @@ enum Op {
     /// The oldest `n` events. Reads go through the store thread too, so that
     /// nothing else holds the database when it has to be reopened.
     Read(usize, Reply<Vec<(u64, Envelope)>>),
+    /// Every spooled delivery id, decoded without the bodies.
+    Ids(Reply<Vec<String>>),
     /// Close the database and stop: later operations fail with `Closed`.
     Close(Reply<()>),
 }
@@ -193,12 +195,7 @@ impl Spool {
 
     /// Delivery ids currently spooled (for de-duplication after a restart).
     pub async fn ids(&self) -> Result<Vec<String>, SpoolError> {
-        Ok(self
-            .peek(usize::MAX)
-            .await?
-            .into_iter()
-            .map(|(_, e)| e.id)
-            .collect())
+        self.submit(Op::Ids).await
     }
 
     fn publish_stats(&self) {
@@ -362,6 +359,26 @@ fn read_first(
     Ok(out)
 }
 
+/// The leading field of an [`Envelope`] record. postcard encodes fields in
+/// order, so the id decodes without copying the body.
+#[derive(serde::Deserialize)]
+struct IdOnly {
+    id: String,
+}
+
+fn read_ids(db: &Database) -> Result<Vec<String>, redb::Error> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(EVENTS)?;
+    let mut ids = Vec::new();
+    for row in table.iter()? {
+        let (_, value) = row?;
+        if let Ok((record, _)) = postcard::take_from_bytes::<IdOnly>(value.value()) {
+            ids.push(record.id);
+        }
+    }
+    Ok(ids)
+}
+
 /// The store thread's state: the only owner of the database.
 struct Store {
     path: PathBuf,
@@ -378,11 +395,13 @@ impl Store {
         while let Some(first) = queue.blocking_recv() {
             let mut writes = Vec::new();
             let mut reads = Vec::new();
+            let mut id_reads = Vec::new();
             let mut close = None;
             let mut next = Some(first);
             while let Some(op) = next.take() {
                 match op {
                     Op::Read(limit, done) => reads.push((limit, done)),
+                    Op::Ids(done) => id_reads.push(done),
                     Op::Close(done) => {
                         close = Some(done);
                         break;
@@ -402,6 +421,10 @@ impl Store {
             for (limit, done) in reads {
                 let metrics = self.metrics.clone();
                 let result = self.open().and_then(|db| read_first(db, limit, &metrics));
+                let _ = done.send(result.map_err(|e| self.failed(e)));
+            }
+            for done in id_reads {
+                let result = self.open().and_then(read_ids);
                 let _ = done.send(result.map_err(|e| self.failed(e)));
             }
             if let Some(done) = close {
@@ -494,7 +517,7 @@ fn commit(db: &Database, batch: &[Op], next_key: &mut u64) -> Result<Removed, re
                         }
                     }
                 }
-                Op::Read(..) | Op::Close(_) => {}
+                Op::Read(..) | Op::Ids(_) | Op::Close(_) => {}
             }
         }
         let first = table.first()?;

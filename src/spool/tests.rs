@@ -127,3 +127,19 @@ async fn close_releases_the_file_at_once_and_refuses_later_appends() {
         Spool::open(config(dir.path(), 100, 1 << 20), Arc::new(Metrics::new())).expect("reopen");
     assert_eq!(again.peek(10).await.expect("peek").len(), 1);
 }
+
+#[tokio::test]
+async fn ids_are_read_without_decoding_bodies() {
+    // IdOnly relies on `id` being the first field of Envelope.
+    let record = postcard::to_stdvec(&envelope(7)).expect("encode");
+    let (head, _) = postcard::take_from_bytes::<IdOnly>(&record).expect("decode id");
+    assert_eq!(head.id, "id-7");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool =
+        Spool::open(config(dir.path(), 100, 1 << 20), Arc::new(Metrics::new())).expect("open");
+    for i in 0..3 {
+        spool.append(&envelope(i)).await.expect("append");
+    }
+    assert_eq!(spool.ids().await.expect("ids"), ["id-0", "id-1", "id-2"]);
+}
