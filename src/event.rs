@@ -202,15 +202,72 @@ impl<'a> Probe<'a> {
         // serde would also accept a JSON array for a struct; Ocrolus sends objects.
         let first = body.iter().find(|b| !b.is_ascii_whitespace());
         if first != Some(&b'{') {
-            return Err(
-                if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
-                    EventError::NotAnObject
-                } else {
-                    EventError::InvalidJson
-                },
-            );
+            return Err(if serde_json::from_slice::<Checked>(body).is_ok() {
+                EventError::NotAnObject
+            } else {
+                EventError::InvalidJson
+            });
         }
+        // The derived Probe skips other fields with `IgnoredAny`, which does
+        // not decode strings: invalid UTF-8 or a lone surrogate escape in an
+        // ignored string would pass, and be published as "JSON" that strict
+        // consumers cannot parse (found by fuzz/fuzz_event, docs/fuzzing.md).
+        serde_json::from_slice::<Checked>(body).map_err(|_| EventError::InvalidJson)?;
         serde_json::from_slice(body).map_err(|_| EventError::InvalidJson)
+    }
+}
+
+/// Any JSON value, walked to the end with every string (keys too) decoded,
+/// so invalid UTF-8 and lone surrogates are errors; nothing is kept.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
     }
 }
 

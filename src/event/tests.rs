@@ -145,3 +145,30 @@ fn aliases_extend_the_table() {
     assert!(EventTable::with_aliases(&["nope".into()]).is_err());
     assert!(EventTable::with_aliases(&["A=b c".into()]).is_err());
 }
+
+#[test]
+fn invalid_text_in_an_ignored_string_is_invalid_json() {
+    // fuzz/fuzz_event (docs/fuzzing.md): fields other than event_name, event
+    // and status were skipped without decoding, so a body with invalid UTF-8
+    // or a lone surrogate in such a string resolved and would be published.
+    let mut body = br#"{"event_name":"book.verified","book_uuid":"940cd2ca-"#.to_vec();
+    body.extend([0xd0, 0xd0, b'"', b'}']);
+    assert_eq!(
+        EventTable::default().resolve(&body),
+        Err(EventError::InvalidJson)
+    );
+    for body in [
+        r#"{"event_name":"book.verified","note":"\ud800"}"#,
+        r#"{"event_name":"book.verified","\udc00":1}"#,
+        r#"{"event_name":"book.verified","a":[{"b":"\udbff\u0041"}]}"#,
+    ] {
+        assert_eq!(resolve(body), Err(EventError::InvalidJson), "{body}");
+    }
+    assert_eq!(resolve(r#"["\ud800"]"#), Err(EventError::InvalidJson));
+    assert_eq!(resolve(r#"["\ud83d\ude00"]"#), Err(EventError::NotAnObject));
+    // Valid escapes and non-ASCII text elsewhere still resolve.
+    assert_eq!(
+        key(r#"{"event_name":"book.verified","n":"\ud83d\ude00 é","x":[1,-2.5e3,null,true,{}]}"#),
+        "book.verified"
+    );
+}
