@@ -3,6 +3,9 @@
 //! or spooled): a failed delivery never blocks a later good one, and a
 //! concurrent twin waits for the first one's outcome instead of racing it.
 //! Memory is bounded by `capacity`; the oldest ids are forgotten first.
+//! Each id is stored once (`Arc<str>`, shared by the map and the expiry
+//! queue): at the default capacity this is most of the relay's steady-state
+//! memory (BENCHMARKS.md).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,9 +24,9 @@ enum Entry {
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<String, Entry>,
+    entries: HashMap<Arc<str>, Entry>,
     /// Done ids in the order they became safe, with their expiry.
-    order: VecDeque<(Instant, String)>,
+    order: VecDeque<(Instant, Arc<str>)>,
 }
 
 pub struct Dedup {
@@ -61,7 +64,7 @@ impl Dedup {
         if !self.enabled() {
             return Claim::Fresh(ClaimGuard {
                 dedup: None,
-                id: String::new(),
+                id: Arc::from(""),
             });
         }
         loop {
@@ -73,10 +76,11 @@ impl Dedup {
                     Some(Entry::Pending(tx)) => tx.subscribe(),
                     None => {
                         let (tx, _) = watch::channel(None);
-                        inner.entries.insert(id.to_owned(), Entry::Pending(tx));
+                        let id: Arc<str> = Arc::from(id);
+                        inner.entries.insert(id.clone(), Entry::Pending(tx));
                         return Claim::Fresh(ClaimGuard {
                             dedup: Some(self.clone()),
-                            id: id.to_owned(),
+                            id,
                         });
                     }
                 }
@@ -91,7 +95,7 @@ impl Dedup {
     pub fn remember(&self, id: &str) {
         if self.enabled() {
             self.lock()
-                .mark_done(id, Instant::now() + self.window, self.capacity);
+                .mark_done(&Arc::from(id), Instant::now() + self.window, self.capacity);
         }
     }
 
@@ -111,20 +115,20 @@ impl Inner {
             if *expires > now && !over {
                 break;
             }
-            if let Some(Entry::Done(at)) = self.entries.get(id) {
+            if let Some(Entry::Done(at)) = self.entries.get(&**id) {
                 if at == expires {
-                    self.entries.remove(id);
+                    self.entries.remove(&**id);
                 }
             }
             self.order.pop_front();
         }
     }
 
-    fn mark_done(&mut self, id: &str, expires: Instant, capacity: usize) {
-        if let Some(Entry::Pending(tx)) = self.entries.insert(id.to_owned(), Entry::Done(expires)) {
+    fn mark_done(&mut self, id: &Arc<str>, expires: Instant, capacity: usize) {
+        if let Some(Entry::Pending(tx)) = self.entries.insert(id.clone(), Entry::Done(expires)) {
             tx.send_replace(Some(true));
         }
-        self.order.push_back((expires, id.to_owned()));
+        self.order.push_back((expires, id.clone()));
         self.expire(Instant::now(), capacity);
     }
 }
@@ -133,7 +137,7 @@ impl Inner {
 /// released and a waiting twin may deliver instead.
 pub struct ClaimGuard {
     dedup: Option<Arc<Dedup>>,
-    id: String,
+    id: Arc<str>,
 }
 
 impl ClaimGuard {
@@ -150,7 +154,7 @@ impl Drop for ClaimGuard {
     fn drop(&mut self) {
         if let Some(dedup) = self.dedup.take() {
             let mut inner = dedup.lock();
-            if let Some(Entry::Pending(tx)) = inner.entries.remove(&self.id) {
+            if let Some(Entry::Pending(tx)) = inner.entries.remove(&*self.id) {
                 tx.send_replace(Some(false));
             }
         }
