@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 scripts/ensure-rabbitmq.sh
 
 echo "== cargo test"
+# tests/subscribers.rs runs the example consumer's binary: build it first
+# (cargo test compiles examples, but not to their plain path).
+cargo build --examples --locked
 cargo test --all-targets --locked
 
 echo "== deploy files"
