@@ -189,8 +189,7 @@ async fn trickle<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8], pause: Dur
 #[tokio::test]
 async fn spoofed_forwarded_for_from_untrusted_peer_is_ignored() {
     let relay = TestRelay::start(opts(&["203.0.113.7/32"], &[], &[])).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     for xff in [
         "203.0.113.7",
         "1.2.3.4, 203.0.113.7",
@@ -202,9 +201,7 @@ async fn spoofed_forwarded_for_from_untrusted_peer_is_ignored() {
         assert_eq!(&body[..], br#"{"error":"forbidden"}"#);
     }
     assert_nothing_published(&broker, &queue).await;
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 
     // Allowed peer, spoofed header: the peer address is what gets recorded.
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &[])).await;
@@ -217,16 +214,13 @@ async fn spoofed_forwarded_for_from_untrusted_peer_is_ignored() {
         amqp_header(&got[0], "x-relay-client-ip").as_deref(),
         Some("127.0.0.1")
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
 async fn forwarded_for_from_trusted_proxy_is_walked_right_to_left() {
     let relay = TestRelay::start(opts(&["203.0.113.7/32"], &["127.0.0.1/32"], &[])).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let cases: &[(&[&str], u16, &str)] = &[
         (&[], 403, "no header: the proxy itself is the client"),
         (&["203.0.113.7"], 200, "single hop"),
@@ -288,9 +282,7 @@ async fn forwarded_for_from_trusted_proxy_is_walked_right_to_left() {
             .await,
         3.0
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 /// A request's headers and body.
@@ -348,8 +340,7 @@ async fn per_ip_rate_limit_keys_on_the_resolved_client() {
     );
     assert_eq!(admitted + count(&answers, 429), answers.len());
     let broker = TestBroker::connect().await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[]).await;
 
     // Trusted proxy: each resolved client has its own bucket, so distinct
     // clients behind the same proxy are all admitted.
@@ -366,8 +357,7 @@ async fn per_ip_rate_limit_keys_on_the_resolved_client() {
             "client {i} has its own bucket"
         );
     }
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[]).await;
 }
 
 // ---------------------------------------------------------------- sizes
@@ -375,8 +365,7 @@ async fn per_ip_rate_limit_keys_on_the_resolved_client() {
 #[tokio::test]
 async fn oversized_declared_length_is_refused_without_reading_the_body() {
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--max-body", "1024"])).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
     let headers = with(signed(&new_id(), BODY), "content-length", "10485760");
     stream
@@ -399,16 +388,13 @@ async fn oversized_declared_length_is_refused_without_reading_the_body() {
             .await,
         1.0
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
 async fn oversized_chunked_body_is_refused() {
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--max-body", "1024"])).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     // A well-formed, correctly signed JSON body that is simply too long.
     let body = format!(
         r#"{{"event_name":"book.verified","padding":"{}"}}"#,
@@ -451,9 +437,7 @@ async fn oversized_chunked_body_is_refused() {
         broker.drain(&queue, 1, Duration::from_secs(5)).await.len(),
         1
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------- slow clients
@@ -462,8 +446,7 @@ async fn oversized_chunked_body_is_refused() {
 async fn slow_headers_are_cut_off_while_others_are_served() {
     let header_timeout = Duration::from_secs(1);
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--header-timeout", "1"])).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let head = raw_head(relay.addr, &signed(&new_id(), BODY)).into_bytes();
     // At 200 ms a byte these would take far longer than the timeout.
     let h2_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -504,9 +487,7 @@ async fn slow_headers_are_cut_off_while_others_are_served() {
         broker.drain(&queue, 1, Duration::from_secs(5)).await.len(),
         1
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -520,8 +501,7 @@ async fn whole_request_deadline_bounds_a_request_whatever_it_waits_for() {
         &["--body-timeout", "30", "--request-timeout", "3"],
     ))
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let body = format!(
         r#"{{"event_name":"book.verified","padding":"{}"}}"#,
         "x".repeat(100)
@@ -553,17 +533,14 @@ async fn whole_request_deadline_bounds_a_request_whatever_it_waits_for() {
         1.0
     );
     assert_nothing_published(&broker, &queue).await;
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
 async fn slow_body_gets_408_while_others_are_served() {
     let body_timeout = Duration::from_secs(1);
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--body-timeout", "1"])).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let body = format!(
         r#"{{"event_name":"book.verified","padding":"{}"}}"#,
         "x".repeat(100)
@@ -605,9 +582,7 @@ async fn slow_body_gets_408_while_others_are_served() {
     let got = broker.drain(&queue, 1, Duration::from_secs(5)).await;
     assert_eq!(got.len(), 1, "only the normal delivery was published");
     assert_eq!(got[0].delivery.data, BODY);
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------- connections
@@ -650,8 +625,7 @@ async fn connection_flood_beyond_the_limit_is_closed_at_once() {
     assert_eq!(wait_metric(&relay, open, |v| v == 0.0).await, 0.0);
     assert_eq!(post_signed(&relay, &new_id(), BODY).await.0, 200);
     let broker = TestBroker::connect().await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[]).await;
 }
 
 // ---------------------------------------------------------------- rate limits
@@ -718,8 +692,7 @@ fn assert_429s_say_when(answers: &[Answer]) {
 async fn burst_over_the_per_ip_limit_gets_429_and_publishes_exactly_the_200s() {
     let extra = ["--rate-limit-per-ip", "2", "--rate-limit-burst", "2"];
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &extra)).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let (answers, elapsed) = signed_burst(&relay, 30, |_| None).await;
     let ok = count(&answers, 200);
     assert!(ok >= 1, "the burst allowance passes");
@@ -737,9 +710,7 @@ async fn burst_over_the_per_ip_limit_gets_429_and_publishes_exactly_the_200s() {
             .await,
         count(&answers, 429) as f64
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -754,8 +725,7 @@ async fn global_rate_limit_applies_across_clients() {
         "1",
     ];
     let relay = TestRelay::start(opts(&["203.0.113.0/24"], &["127.0.0.1/32"], &extra)).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let (answers, elapsed) =
         signed_burst(&relay, 20, |i| Some(format!("203.0.113.{}", i + 1))).await;
     let ok = count(&answers, 200);
@@ -774,9 +744,7 @@ async fn global_rate_limit_applies_across_clients() {
             .await,
         count(&answers, 429) as f64
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -784,8 +752,7 @@ async fn requests_beyond_max_in_flight_get_503() {
     // One slot, held by a delivery whose body is only half sent.
     let extra = ["--max-in-flight", "1", "--body-timeout", "60"];
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &extra)).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let id = new_id();
     let headers = with(signed(&id, BODY), "content-length", &BODY.len().to_string());
     let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
@@ -811,9 +778,7 @@ async fn requests_beyond_max_in_flight_get_503() {
     assert_nothing_published(&broker, &queue).await;
     // The slot is free again.
     assert_eq!(post_signed(&relay, &new_id(), BODY).await.0, 200);
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------- Basic auth
@@ -842,8 +807,7 @@ async fn basic_auth_alone_accepts_listed_credentials_only() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let json = ("content-type".to_string(), "application/json".to_string());
     for good in ["ocrolus:first-password", "backup:pass:with:colons"] {
         let (status, _, body) = post(&relay, &[json.clone(), basic(good)], BODY).await;
@@ -885,9 +849,7 @@ async fn basic_auth_alone_accepts_listed_credentials_only() {
         2
     );
     assert_nothing_published(&broker, &queue).await;
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -898,8 +860,7 @@ async fn hmac_and_basic_together_are_both_required() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let right = basic("ocrolus:first-password");
     let cases = [
         ("signature only", signed(&new_id(), BODY), 401),
@@ -943,9 +904,7 @@ async fn hmac_and_basic_together_are_both_required() {
         1
     );
     assert_nothing_published(&broker, &queue).await;
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -978,8 +937,7 @@ async fn error_bodies_never_echo_credentials() {
         assert!(!all.contains(secret), "answer echoes {secret:?}");
     }
     let broker = TestBroker::connect().await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[]).await;
 }
 
 // ---------------------------------------------------------------- TLS
@@ -1109,8 +1067,7 @@ async fn tls_serves_http1_and_h2_and_refuses_plaintext() {
     let cert = write_cert(dir.path());
     let relay = TestRelay::start(tls_relay_options(dir.path(), &[])).await;
     assert!(relay.url.starts_with("https://"));
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let roots = [cert.clone()];
     let cases: [(&str, TlsConnector, &[u8], ProtocolVersion); 3] = [
         (
@@ -1173,9 +1130,7 @@ async fn tls_serves_http1_and_h2_and_refuses_plaintext() {
     .await;
     assert_eq!(after, before + 1.0);
     assert_nothing_published(&broker, &queue).await;
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------- reload
@@ -1185,8 +1140,7 @@ async fn reload_swaps_the_certificate_and_keeps_requests_in_flight() {
     let dir = tempfile::tempdir().expect("tempdir");
     let old_cert = write_cert(dir.path());
     let relay = TestRelay::start(tls_relay_options(dir.path(), &["--body-timeout", "60"])).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
 
     // A delivery started before the reload, its body half sent.
     let slow_id = new_id();
@@ -1248,9 +1202,7 @@ async fn reload_swaps_the_certificate_and_keeps_requests_in_flight() {
     let mut want = vec![slow_id, fresh_id];
     want.sort();
     assert_eq!(got, want);
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -1295,8 +1247,7 @@ async fn reload_rejects_a_bad_allowlist_and_applies_a_good_one() {
         2.0
     );
     let broker = TestBroker::connect().await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[]).await;
 }
 
 // ---------------------------------------------------------------- PROXY protocol
@@ -1321,8 +1272,7 @@ async fn proxy_protocol_names_the_client() {
         &["--proxy-protocol"],
     ))
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
 
     let id = new_id();
     let status = post_after(
@@ -1358,9 +1308,7 @@ async fn proxy_protocol_names_the_client() {
         2.0
     );
     assert_nothing_published(&broker, &queue).await;
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -1368,8 +1316,7 @@ async fn proxy_protocol_is_believed_only_from_trusted_proxies() {
     // The peer (127.0.0.1) is not a trusted proxy: whatever its PROXY header
     // claims, the connection is closed and nothing is published.
     let relay = TestRelay::start(opts(&["203.0.113.7/32"], &[], &["--proxy-protocol"])).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let status = post_after(
         &relay,
         b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 443\r\n",
@@ -1384,17 +1331,14 @@ async fn proxy_protocol_is_believed_only_from_trusted_proxies() {
         1.0
     );
     assert_nothing_published(&broker, &queue).await;
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_header_timeout() {
     let header_timeout = Duration::from_secs(1);
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--header-timeout", "1"])).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let uri = format!("http://{}/webhooks/ocrolus", relay.addr);
     for (what, send_one) in [
         ("h2 after a delivery", true),
@@ -1452,7 +1396,5 @@ async fn idle_connections_are_closed_after_the_header_timeout() {
         1.0,
         "only the connection that never sent a request counts as a rejection"
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }

@@ -74,8 +74,7 @@ async fn metrics_move_by_exactly_what_happened() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let before = relay.metrics().await;
     let closed_before = closed.metrics().await;
 
@@ -474,9 +473,7 @@ async fn dashboards_and_alerts_use_only_exported_metrics() {
     }
 
     let _ = broker.drain(&queue, 2, Duration::from_secs(5)).await;
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 fn binary() -> tokio::process::Command {
@@ -534,8 +531,7 @@ async fn tail_prints_what_consumers_receive() {
     let sent: serde_json::Value = serde_json::from_slice(body).expect("json");
     assert_eq!(printed["body"], sent);
 
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[]).await;
 }
 
 /// Runs `check-config` with the flags a test relay would get.

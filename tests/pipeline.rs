@@ -22,8 +22,7 @@ fn header(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
 #[tokio::test]
 async fn every_known_event_is_published_once_with_exact_bytes() {
     let relay = TestRelay::start(RelayOptions::default()).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
 
     let mut sent = Vec::new();
     for (i, name) in KNOWN_EVENTS.iter().enumerate() {
@@ -67,16 +66,13 @@ async fn every_known_event_is_published_once_with_exact_bytes() {
         assert!(header(m, "x-ocrolus-timestamp").is_some());
         assert!(header(m, "x-relay-received-at").is_some_and(|t| t.ends_with('Z')));
     }
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
 async fn account_level_and_legacy_forms_route_to_org_names() {
     let relay = TestRelay::start(RelayOptions::default()).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let cases = [
         (
             r#"{"event_name":"ANALYTICS_COMPLETED","book_pk":1}"#,
@@ -137,16 +133,13 @@ async fn account_level_and_legacy_forms_route_to_org_names() {
         assert_eq!(m.delivery.data, body.as_bytes());
         assert_eq!(header(m, "x-ocrolus-event").as_deref(), Some(*sent_as));
     }
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
 async fn second_secret_is_accepted_wrong_ones_are_not() {
     let relay = TestRelay::start(RelayOptions::default()).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let body = br#"{"event_name":"book.verified"}"#;
 
     let id = new_id();
@@ -232,9 +225,7 @@ async fn second_secret_is_accepted_wrong_ones_are_not() {
             .await,
         2.0
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 type Headers = Vec<(String, String)>;
@@ -253,8 +244,7 @@ fn replace(headers: Headers, name: &str, value: &str) -> Headers {
 #[tokio::test]
 async fn bad_requests_get_their_status_and_publish_nothing() {
     let relay = TestRelay::start(RelayOptions::default()).await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     for (body, expect) in [
         (&b"{not json"[..], "invalid JSON"),
         (b"[1,2,3]", "not an object"),
@@ -290,9 +280,7 @@ async fn bad_requests_get_their_status_and_publish_nothing() {
             .await
             .is_empty()
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -302,8 +290,7 @@ async fn address_outside_the_allowlist_is_forbidden() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let body = br#"{"event_name":"book.verified"}"#;
     let (status, _, answer) = post_signed(&relay, &new_id(), body).await;
     assert_eq!(status, 403);
@@ -329,9 +316,7 @@ async fn address_outside_the_allowlist_is_forbidden() {
             .await,
         2.0
     );
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test]
@@ -359,8 +344,7 @@ async fn unroutable_event_without_alternate_exchange_is_not_200() {
         1.0
     );
     let broker = TestBroker::connect().await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[]).await;
 }
 
 #[tokio::test]
@@ -380,6 +364,5 @@ async fn unbound_event_lands_in_the_alternate_queue() {
         got[0].delivery.routing_key.as_str(),
         "plaid.upload_succeeded"
     );
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[]).await;
 }

@@ -280,8 +280,7 @@ async fn broker_cut_under_load_loses_nothing() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let run = unique("cut");
 
     let next = Arc::new(AtomicUsize::new(0));
@@ -359,9 +358,7 @@ async fn broker_cut_under_load_loses_nothing() {
     );
     delivered.assert_exact_bytes(&tally);
 
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -378,8 +375,7 @@ async fn broker_stall_answers_from_the_spool_then_delivers() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let run = unique("stall");
     let mut tally = Tally::default();
 
@@ -447,9 +443,7 @@ async fn broker_stall_answers_from_the_spool_then_delivers() {
     );
     delivered.assert_exact_bytes(&tally);
 
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -465,8 +459,7 @@ async fn long_outage_delivers_everything_in_arrival_order() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let run = unique("outage");
 
     proxy.cut();
@@ -515,9 +508,7 @@ async fn long_outage_delivers_everything_in_arrival_order() {
     assert!(in_order, "spooled events drain in arrival order: {order:?}");
     delivered.assert_exact_bytes(&tally);
 
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -803,8 +794,7 @@ async fn full_spool_answers_503_never_200() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let run = unique("full");
     proxy.cut();
     wait_broker_down(&relay).await;
@@ -847,9 +837,7 @@ async fn full_spool_answers_503_never_200() {
         "503'd events were not published"
     );
 
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -918,8 +906,7 @@ async fn disk_write_failure_answers_503_never_200() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let run = unique("disk");
     proxy.cut();
     wait_broker_down(&relay).await;
@@ -991,9 +978,7 @@ async fn disk_write_failure_answers_503_never_200() {
     );
     delivered.assert_exact_bytes(&tally);
 
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
     drop(disk);
 }
 
@@ -1007,8 +992,7 @@ async fn duplicate_delivery_ids_publish_once() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let run = unique("dup");
 
     // Sequential retries of one delivery.
@@ -1055,9 +1039,7 @@ async fn duplicate_delivery_ids_publish_once() {
     assert_eq!(count(&twin_id), 1);
     assert_eq!(delivered.messages.len(), 2);
 
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1070,8 +1052,7 @@ async fn failed_delivery_does_not_block_a_retry_with_the_same_id() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let (id, body) = (new_id(), event_body(0, &unique("retry")));
 
     proxy.cut();
@@ -1094,9 +1075,7 @@ async fn failed_delivery_does_not_block_a_retry_with_the_same_id() {
     assert_eq!(status_of(&answer), "published");
     assert_eq!(delivered.messages.len(), 1);
 
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -1231,8 +1210,7 @@ async fn shutdown_lets_requests_in_flight_complete() {
         ..RelayOptions::default()
     })
     .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "#").await;
+    let (broker, queue) = relay.watch_all().await;
     let (exchange, alternate) = (relay.exchange.clone(), relay.alternate.clone());
     let run = unique("inflight");
 
@@ -1302,9 +1280,7 @@ async fn shutdown_lets_requests_in_flight_complete() {
     );
     delivered.assert_exact_bytes(&tally);
 
-    broker.delete_queue(&queue).await;
-    restarted.cleanup(&broker).await;
-    restarted.shutdown().await;
+    restarted.finish(&broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------------------

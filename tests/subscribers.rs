@@ -299,8 +299,7 @@ async fn rust_example_consumer_receives_each_event_once() {
     assert_eq!(dead[0].delivery.data, b"\x00not json");
 
     names.cleanup(&broker).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[]).await;
 }
 
 /// `python3` with pika, installing it if needed; None (with the reason
@@ -392,6 +391,5 @@ async fn python_example_consumer_receives_the_event() {
     );
 
     names.cleanup(&broker).await;
-    relay.cleanup(&broker).await;
-    relay.shutdown().await;
+    relay.finish(&broker, &[]).await;
 }

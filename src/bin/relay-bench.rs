@@ -37,9 +37,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use ocrolus_relay::auth::sign;
-use ocrolus_relay::cmd::send_test::sample_body;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use ocrolus_relay::cmd::send_test::{sample_body, tls_connector};
+use rustls_pki_types::ServerName;
 use serde_json::json;
 use tokio::net::TcpStream;
 
@@ -335,24 +334,6 @@ where
         let _ = conn.await;
     });
     Ok(sender)
-}
-
-fn tls_connector(ca_file: Option<&Path>) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = ca_file {
-        for cert in CertificateDer::pem_file_iter(path)? {
-            roots.add(cert?)?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// What one delivery came back as.

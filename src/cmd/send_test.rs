@@ -214,7 +214,11 @@ where
     Ok((status, body))
 }
 
-fn tls_connector(ca_file: Option<&std::path::Path>) -> anyhow::Result<tokio_rustls::TlsConnector> {
+/// A TLS client trusting the system roots plus `ca_file` (the load
+/// generator uses it too).
+pub fn tls_connector(
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<tokio_rustls::TlsConnector> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);

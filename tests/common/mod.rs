@@ -207,6 +207,23 @@ impl TestRelay {
         metric_value(&self.metrics().await, series)
     }
 
+    /// A broker connection and a fresh queue bound to this relay's exchange
+    /// with `#`: sees every event the relay publishes.
+    pub async fn watch_all(&self) -> (TestBroker, String) {
+        let broker = TestBroker::connect().await;
+        let queue = broker.bind_queue(&self.exchange, "#").await;
+        (broker, queue)
+    }
+
+    /// Deletes `queues` and the test's exchanges, then stops the relay.
+    pub async fn finish(self, broker: &TestBroker, queues: &[&str]) {
+        for queue in queues {
+            broker.delete_queue(queue).await;
+        }
+        self.cleanup(broker).await;
+        self.shutdown().await;
+    }
+
     /// Deletes the test's exchanges (and the alternate queue).
     pub async fn cleanup(&self, broker: &TestBroker) {
         broker.delete_exchange(&self.exchange).await;
