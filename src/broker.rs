@@ -238,13 +238,24 @@ impl Broker {
                     self.metrics.broker_up.set(1);
                     self.up.notify_waiters();
                     let reason = self.watch(&connection, generation, &shutdown).await;
-                    self.link.store(None);
+                    let link = self.link.swap(None);
                     self.blocked.store(false, Ordering::Relaxed);
                     self.metrics.broker_up.set(0);
                     self.metrics.broker_blocked.set(0);
                     if shutdown.is_cancelled() {
                         // Shutdown: close cleanly and wait for it, so the
                         // broker sees a clean close rather than a reset.
+                        // Channels first: closing the connection under open
+                        // channels makes lapin log a spurious error.
+                        if let Some(link) = link {
+                            for channel in &link.channels {
+                                let _ = tokio::time::timeout(
+                                    CLOSE_TIMEOUT,
+                                    channel.close(200, "ocrolus-relay closing".into()),
+                                )
+                                .await;
+                            }
+                        }
                         close(connection).await;
                         break;
                     }
