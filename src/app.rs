@@ -101,10 +101,6 @@ impl AppState {
         self.metrics.ready.set(i64::from(verdict.is_ok()));
         verdict
     }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
 }
 
 /// A running relay.

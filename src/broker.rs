@@ -119,10 +119,6 @@ impl Broker {
         self.up.notified().await;
     }
 
-    pub fn config(&self) -> &BrokerConfig {
-        &self.config
-    }
-
     /// Publishes one event and waits for its confirm, bounded by the confirm
     /// timeout. Channels are used round robin.
     pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {

@@ -127,10 +127,6 @@ impl Admission {
         self.per_client.retain_recent();
         self.per_client.shrink_to_fit();
     }
-
-    pub fn tracked_clients(&self) -> usize {
-        self.per_client.len()
-    }
 }
 
 fn rate_key(ip: ClientIp) -> IpAddr {

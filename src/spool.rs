@@ -123,10 +123,6 @@ impl Spool {
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn config(&self) -> &SpoolConfig {
-        &self.config
-    }
-
     /// True while one more typical event fits.
     pub fn has_room(&self) -> bool {
         let s = self.stats();
