@@ -176,8 +176,14 @@ impl Delivered {
             .collect()
     }
 
-    /// Every delivered copy carries the exact bytes that were answered 200.
-    fn assert_exact_bytes(&self, tally: &Tally) {
+    /// The promise behind a 200: every id answered 200 was delivered, and
+    /// every delivered copy carries the exact bytes that were answered 200.
+    fn assert_promise_kept(&self, tally: &Tally) {
+        let lost = self.lost(tally);
+        assert!(
+            lost.is_empty(),
+            "answered 200 but never delivered: {lost:?}"
+        );
         for (id, body) in &self.messages {
             if let Some(sent) = tally.ok.get(id) {
                 assert_eq!(body, sent, "{id}: bytes changed on the way");
@@ -352,11 +358,7 @@ async fn broker_cut_under_load_loses_nothing() {
     assert_eq!(tally.total(), EVENTS);
     assert!(tally.other.is_empty(), "only 200 or 503: {:?}", tally.other);
     assert_eq!(tally.unanswered, 0, "every request got an answer");
-    assert!(
-        lost.is_empty(),
-        "answered 200 but never delivered: {lost:?}"
-    );
-    delivered.assert_exact_bytes(&tally);
+    delivered.assert_promise_kept(&tally);
 
     relay.finish(&broker, &[&queue]).await;
 }
@@ -437,11 +439,7 @@ async fn broker_stall_answers_from_the_spool_then_delivers() {
         slowest < Duration::from_secs(8),
         "answers must not wait for the stalled broker: {slowest:?}"
     );
-    assert!(
-        lost.is_empty(),
-        "answered 200 but never delivered: {lost:?}"
-    );
-    delivered.assert_exact_bytes(&tally);
+    delivered.assert_promise_kept(&tally);
 
     relay.finish(&broker, &[&queue]).await;
 }
@@ -501,12 +499,8 @@ async fn long_outage_delivers_everything_in_arrival_order() {
         delivered.duplicates(),
         lost.len()
     );
-    assert!(
-        lost.is_empty(),
-        "answered 200 but never delivered: {lost:?}"
-    );
+    delivered.assert_promise_kept(&tally);
     assert!(in_order, "spooled events drain in arrival order: {order:?}");
-    delivered.assert_exact_bytes(&tally);
 
     relay.finish(&broker, &[&queue]).await;
 }
@@ -761,16 +755,12 @@ async fn kill_dash_nine_with_a_full_spool_then_restart_delivers_all() {
         delivered.duplicates(),
         lost.len()
     );
-    assert!(
-        lost.is_empty(),
-        "answered 200 but never delivered: {lost:?}"
-    );
+    delivered.assert_promise_kept(&tally);
     assert_eq!(
         delivered.duplicates(),
         0,
         "nothing was published before the kill"
     );
-    delivered.assert_exact_bytes(&tally);
 
     second.sigterm();
     let mut second = second;
@@ -827,10 +817,7 @@ async fn full_spool_answers_503_never_200() {
         statuses[ROOM..].iter().all(|s| *s == 503),
         "never 200 once full"
     );
-    assert!(
-        lost.is_empty(),
-        "answered 200 but never delivered: {lost:?}"
-    );
+    delivered.assert_promise_kept(&tally);
     assert_eq!(
         delivered.ids().len(),
         ROOM,
@@ -972,11 +959,7 @@ async fn disk_write_failure_answers_503_never_200() {
         after_free.iter().all(|s| *s == 200),
         "the spool recovers once space is back, without a restart"
     );
-    assert!(
-        lost.is_empty(),
-        "answered 200 but never delivered: {lost:?}"
-    );
-    delivered.assert_exact_bytes(&tally);
+    delivered.assert_promise_kept(&tally);
 
     relay.finish(&broker, &[&queue]).await;
     drop(disk);
@@ -1189,10 +1172,7 @@ async fn sigterm_under_load_loses_nothing_and_exits_in_time() {
     assert!(exit.success(), "clean exit: {exit:?}");
     assert!(!tally.ok.is_empty(), "load was served");
     assert!(tally.other.is_empty(), "{:?}", tally.other);
-    assert!(
-        lost.is_empty(),
-        "answered 200 but never delivered: {lost:?}"
-    );
+    delivered.assert_promise_kept(&tally);
 
     broker.delete_queue(&queue).await;
     files.cleanup(&broker).await;
@@ -1274,11 +1254,7 @@ async fn shutdown_lets_requests_in_flight_complete() {
         IN_FLIGHT,
         "requests in flight complete with 200"
     );
-    assert!(
-        lost.is_empty(),
-        "answered 200 but never delivered: {lost:?}"
-    );
-    delivered.assert_exact_bytes(&tally);
+    delivered.assert_promise_kept(&tally);
 
     restarted.finish(&broker, &[&queue]).await;
 }
