@@ -326,9 +326,7 @@ fn scan(db: &Database) -> Result<SpoolStats, SpoolError> {
         stats.messages += 1;
         stats.bytes += value.value().len() as u64;
         if stats.oldest_ms.is_none() {
-            stats.oldest_ms = postcard::from_bytes::<Envelope>(value.value())
-                .ok()
-                .map(|e| e.received_at_ms);
+            stats.oldest_ms = RecordHead::decode(value.value()).map(|h| h.received_at_ms);
         }
     }
     Ok(stats)
@@ -355,11 +353,25 @@ fn read_first(
     Ok(out)
 }
 
-/// The leading field of an [`Envelope`] record. postcard encodes fields in
-/// order, so the id decodes without copying the body.
+/// The fields of an [`Envelope`] record before its body. postcard encodes
+/// fields in order, so these decode without copying the body (up to the
+/// body limit) on every commit or id scan.
 #[derive(serde::Deserialize)]
-struct IdOnly {
+struct RecordHead {
     id: String,
+    _routing_key: String,
+    _event_name: String,
+    _ocrolus_timestamp: Option<String>,
+    _client_ip: String,
+    received_at_ms: i64,
+}
+
+impl RecordHead {
+    fn decode(record: &[u8]) -> Option<Self> {
+        postcard::take_from_bytes::<Self>(record)
+            .ok()
+            .map(|(head, _)| head)
+    }
 }
 
 fn read_ids(db: &Database) -> Result<Vec<String>, redb::Error> {
@@ -368,8 +380,8 @@ fn read_ids(db: &Database) -> Result<Vec<String>, redb::Error> {
     let mut ids = Vec::new();
     for row in table.iter()? {
         let (_, value) = row?;
-        if let Ok((record, _)) = postcard::take_from_bytes::<IdOnly>(value.value()) {
-            ids.push(record.id);
+        if let Some(head) = RecordHead::decode(value.value()) {
+            ids.push(head.id);
         }
     }
     Ok(ids)
@@ -517,11 +529,9 @@ fn commit(db: &Database, batch: &[Op], next_key: &mut u64) -> Result<Removed, re
             }
         }
         let first = table.first()?;
-        Ok::<_, redb::Error>(first.and_then(|(_, v)| {
-            postcard::from_bytes::<Envelope>(v.value())
-                .ok()
-                .map(|e| e.received_at_ms)
-        }))
+        Ok::<_, redb::Error>(
+            first.and_then(|(_, v)| RecordHead::decode(v.value()).map(|h| h.received_at_ms)),
+        )
     })();
     let committed = written.and_then(|oldest| {
         txn.commit()?;

@@ -130,10 +130,11 @@ async fn close_releases_the_file_at_once_and_refuses_later_appends() {
 
 #[tokio::test]
 async fn ids_are_read_without_decoding_bodies() {
-    // IdOnly relies on `id` being the first field of Envelope.
+    // RecordHead relies on Envelope's field order up to the body.
     let record = postcard::to_stdvec(&envelope(7)).expect("encode");
-    let (head, _) = postcard::take_from_bytes::<IdOnly>(&record).expect("decode id");
+    let head = RecordHead::decode(&record).expect("decode head");
     assert_eq!(head.id, "id-7");
+    assert_eq!(head.received_at_ms, envelope(7).received_at_ms);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let spool =
