@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::broker::Broker;
-use crate::config::{Config, ConfigError, Policy};
+use crate::config::{Config, Policy};
+use crate::config_error::ConfigError;
 use crate::dedup::Dedup;
 use crate::limits::Admission;
 use crate::metrics::Metrics;

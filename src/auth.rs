@@ -19,7 +19,7 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 
 pub const SIGNATURE_HEADER: &str = "webhook-signature";
 pub const TIMESTAMP_HEADER: &str = "webhook-timestamp";

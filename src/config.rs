@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::auth::{AuthPolicy, BasicCredentials, Secrets};
+use crate::config_error::ConfigError;
 use crate::event::EventTable;
 use crate::net::NetPolicy;
 
@@ -170,17 +171,6 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         return Err(format!("'{s}' is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
-}
-
-/// A configuration problem, worded for the operator.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
-impl ConfigError {
-    pub fn new(msg: impl Into<String>) -> Self {
-        Self(msg.into())
-    }
 }
 
 /// Files the relay reads at start and again on SIGHUP.
@@ -463,12 +453,6 @@ fn check_exchange_name(flag: &str, name: &str) -> Result<(), ConfigError> {
         Err(ConfigError::new(format!(
             "{flag}: {name:?} is not a valid exchange name"
         )))
-    }
-}
-
-impl From<String> for ConfigError {
-    fn from(msg: String) -> Self {
-        Self(msg)
     }
 }
 

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Delivery, Verified};
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 use crate::net::ClientIp;
 
 /// Organization-level event names Ocrolus documents, sorted.

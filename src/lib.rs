@@ -16,6 +16,7 @@ pub mod broker;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod config_error;
 pub mod dedup;
 pub mod event;
 pub mod limits;

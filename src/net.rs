@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 
 /// A client address, IPv4-mapped IPv6 already folded to IPv4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -11,7 +11,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{ConfigError, TlsPaths};
+use crate::config::TlsPaths;
+use crate::config_error::ConfigError;
 
 /// A ready acceptor plus what operators want to know about its certificate.
 #[derive(Clone)]

@@ -1,7 +1,8 @@
 //! `check-config`: load and validate everything `serve` would, print a
 //! summary. Never prints a secret.
 
-use crate::config::{Config, ConfigError, redact_url};
+use crate::config::{Config, redact_url};
+use crate::config_error::ConfigError;
 use crate::spool::SpoolFile;
 use crate::tls::Tls;
 
