@@ -7,11 +7,35 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-rabbitmq.sh
 
+# tests/cluster.rs runs against a three-node cluster on 127.0.0.1:5681-5683
+# (scripts/rabbitmq-cluster.sh). It starts in the background while Cargo
+# builds, and is stopped on every exit, failed or not, unless it was already
+# running before this script.
+cluster_log=$(mktemp)
+if scripts/rabbitmq-cluster.sh status >/dev/null 2>&1; then
+  echo "== RabbitMQ cluster: already running (left running)"
+  cluster_pid=""
+else
+  echo "== RabbitMQ cluster: starting in the background"
+  scripts/rabbitmq-cluster.sh start >"$cluster_log" 2>&1 &
+  cluster_pid=$!
+  trap 'wait "$cluster_pid" 2>/dev/null || true; scripts/rabbitmq-cluster.sh stop; rm -f "$cluster_log"' EXIT
+fi
+
 echo "== cargo test"
 # tests/subscribers.rs runs the example consumer's binary: build it first
 # (cargo test compiles examples, but not to their plain path).
 cargo build --examples --locked
-cargo test --all-targets --locked
+if [ -n "$cluster_pid" ]; then
+  if ! wait "$cluster_pid"; then
+    cat "$cluster_log" >&2
+    echo "RabbitMQ cluster did not start" >&2
+    exit 1
+  fi
+  cat "$cluster_log"
+fi
+# With the cluster started here, tests/cluster.rs must not skip.
+RELAY_CLUSTER_REQUIRED=1 cargo test --all-targets --locked
 
 echo "== deploy files"
 bash deploy/check.sh
