@@ -9,9 +9,9 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::auth::{AuthPolicy, BasicCredentials, Secrets};
+use crate::client::NetPolicy;
 use crate::config_error::ConfigError;
 use crate::event::EventTable;
-use crate::net::NetPolicy;
 
 /// Development HMAC secret printed by `serve --dev` and used by
 /// `send-test --dev`. Only ever accepted on a loopback-only listener.

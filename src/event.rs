@@ -13,8 +13,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Delivery, Verified};
+use crate::client::ClientIp;
 use crate::config_error::ConfigError;
-use crate::net::ClientIp;
 
 /// Organization-level event names Ocrolus documents, sorted.
 pub const KNOWN_EVENTS: [&str; 27] = [

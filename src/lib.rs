@@ -3,17 +3,18 @@
 //! 200 only once the event is safe (broker-confirmed or fsynced in the spool).
 //!
 //! The modules follow the request pipeline of DESIGN.md:
-//! [`server`] (accept, steps 1 and 13) → [`net`] (client address, allowlist)
+//! [`server`] (accept, steps 1 and 13) → [`client`] (client address, allowlist)
 //! → [`limits`] (sizes, rate limits, body read) → [`auth`] (HMAC / Basic) →
 //! [`event`] (routing key) → [`dedup`] → [`outbox`] ([`broker`] confirm, else
 //! [`spool`]). Around it: [`config`], [`tls`], [`proxy_protocol`],
-//! [`metrics`], [`admin`], [`app`] (wiring) and [`shutdown`].
+//! [`metrics`], [`admin`], [`app`] (wiring) and [`signals`].
 
 pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod cli;
+pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod config_error;
@@ -21,11 +22,10 @@ pub mod dedup;
 pub mod event;
 pub mod limits;
 pub mod metrics;
-pub mod net;
 pub mod outbox;
 pub mod proxy_protocol;
 pub mod server;
-pub mod shutdown;
+pub mod signals;
 pub mod spool;
 pub mod tls;
 

@@ -21,8 +21,8 @@ use http::HeaderMap;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::client::ClientIp;
 use crate::config::Limits;
-use crate::net::ClientIp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LimitReject {

@@ -24,10 +24,10 @@ use tracing::{debug, info, warn};
 
 use crate::app::AppState;
 use crate::auth::{AuthError, DeliveryId, REQUEST_ID_HEADER};
+use crate::client::{ClientIp, NetReject};
 use crate::dedup::Claim;
 use crate::event::{Envelope, EventError};
 use crate::limits::{self, LimitReject};
-use crate::net::{ClientIp, NetReject};
 use crate::outbox::Safe;
 use crate::proxy_protocol;
 use crate::spool::SpoolError;

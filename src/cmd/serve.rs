@@ -17,5 +17,5 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let relay = Relay::start(config).await?;
-    crate::shutdown::run_until_signalled(relay).await
+    crate::signals::run_until_signalled(relay).await
 }

@@ -1,4 +1,4 @@
-//! Signals: SIGHUP reloads, SIGTERM/SIGINT start the graceful shutdown.
+//! The signal loop: SIGHUP reloads, SIGTERM/SIGINT start the graceful shutdown.
 
 use tracing::info;
 
