@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
     loop {
@@ -50,8 +50,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
 fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
-            // Refresh gauges that are computed, not counted.
-            let _ = state.readiness();
+            // The one gauge that is computed, not counted.
+            state
+                .metrics
+                .ready
+                .set(i64::from(state.readiness().is_ok()));
             respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

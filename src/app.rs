@@ -4,23 +4,20 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::broker::Broker;
-use crate::config::{Config, Policy};
-use crate::config_error::ConfigError;
+use crate::config::Config;
 use crate::dedup::Dedup;
-use crate::limits::Admission;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::spool::Spool;
+use crate::state::AppState;
 use crate::tls::Tls;
 use crate::{admin, server};
 
@@ -29,80 +26,6 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Bound for the background tasks (drainer, supervisor with its clean AMQP
 /// close, admin) to stop once told to: one bound for all, not one each.
 const BACKGROUND_STOP: Duration = Duration::from_secs(5);
-
-/// Everything a request needs, shared by all connections.
-pub struct AppState {
-    pub config: Config,
-    policy: ArcSwap<Policy>,
-    tls: ArcSwapOption<Tls>,
-    pub admission: Admission,
-    pub dedup: Arc<Dedup>,
-    pub outbox: Outbox,
-    pub metrics: Arc<Metrics>,
-    draining: AtomicBool,
-}
-
-impl AppState {
-    /// The current network and auth policy (swapped atomically on reload).
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy.load_full()
-    }
-
-    pub fn tls(&self) -> Option<Arc<Tls>> {
-        self.tls.load_full()
-    }
-
-    /// SIGHUP: re-reads allowlist, secrets and certificate. All or nothing:
-    /// a bad file leaves the running configuration untouched.
-    pub fn reload(&self) -> Result<(), ConfigError> {
-        let result = self.config.sources.load_policy().and_then(|policy| {
-            let tls = self
-                .config
-                .sources
-                .tls
-                .as_ref()
-                .map(Tls::load)
-                .transpose()?;
-            Ok((policy, tls))
-        });
-        match result {
-            Ok((policy, tls)) => {
-                self.policy.store(Arc::new(policy));
-                if let Some(tls) = tls {
-                    self.metrics.cert_expiry.set(tls.not_after);
-                    self.tls.store(Some(Arc::new(tls)));
-                }
-                self.metrics
-                    .config_reloads
-                    .with_label_values(&["success"])
-                    .inc();
-                info!("configuration reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                self.metrics
-                    .config_reloads
-                    .with_label_values(&["failure"])
-                    .inc();
-                error!(error = %e, "reload rejected; keeping the running configuration");
-                Err(e)
-            }
-        }
-    }
-
-    /// `/readyz`: can an event be made safe right now?
-    pub fn readiness(&self) -> Result<(), &'static str> {
-        let verdict = if self.draining.load(Ordering::Relaxed) {
-            Err("draining")
-        } else if !self.outbox.can_accept() {
-            Err("broker down and spool full")
-        } else {
-            Ok(())
-        };
-        self.metrics.ready.set(i64::from(verdict.is_ok()));
-        verdict
-    }
-}
 
 /// A running relay.
 pub struct Relay {
@@ -138,20 +61,11 @@ impl Relay {
         let public_addr = public.local_addr()?;
         let admin_addr = admin.local_addr()?;
 
-        let state = Arc::new(AppState {
-            admission: Admission::new(&config.limits),
-            config,
-            policy: ArcSwap::from_pointee(policy),
-            tls: ArcSwapOption::new(tls.map(Arc::new)),
-            dedup,
-            outbox: Outbox {
-                broker: broker.clone(),
-                spool: spool.clone(),
-            },
-            metrics,
-            draining: AtomicBool::new(false),
-        });
-        let _ = state.readiness();
+        let outbox = Outbox {
+            broker: broker.clone(),
+            spool: spool.clone(),
+        };
+        let state = Arc::new(AppState::new(config, policy, tls, dedup, outbox, metrics));
 
         let stop_accepting = CancellationToken::new();
         let stop_background = CancellationToken::new();
@@ -191,8 +105,7 @@ impl Relay {
     /// connection cleanly. Undelivered events stay in the spool for the next
     /// start. Total time: grace + deadline + at most [`BACKGROUND_STOP`].
     pub async fn shutdown(self) {
-        self.state.draining.store(true, Ordering::Relaxed);
-        let _ = self.state.readiness();
+        self.state.start_draining();
         let grace = self.state.config.shutdown.grace;
         if !grace.is_zero() {
             info!(?grace, "draining: readiness is 503, still serving");
@@ -244,7 +157,6 @@ async fn prune(state: Arc<AppState>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {
                 state.admission.prune();
-                let _ = state.readiness();
             }
         }
     }

@@ -27,6 +27,7 @@ pub mod proxy_protocol;
 pub mod server;
 pub mod signals;
 pub mod spool;
+pub mod state;
 pub mod tls;
 
 /// Wall-clock Unix milliseconds.

@@ -22,7 +22,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::app::AppState;
 use crate::auth::{AuthError, DeliveryId, REQUEST_ID_HEADER};
 use crate::client::{ClientIp, NetReject};
 use crate::dedup::Claim;
@@ -31,6 +30,7 @@ use crate::limits::{self, LimitReject};
 use crate::outbox::Safe;
 use crate::proxy_protocol;
 use crate::spool::SpoolError;
+use crate::state::AppState;
 
 /// HTTP/2 streams per connection: Ocrolus sends one delivery at a time.
 const H2_MAX_STREAMS: u32 = 64;
