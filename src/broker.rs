@@ -26,11 +26,11 @@ use lapin::uri::AMQPUri;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
-use rand::Rng;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
 use crate::config::{BrokerConfig, redact_url};
 use crate::event::{Envelope, metric_label};
 use crate::metrics::Metrics;
@@ -39,10 +39,6 @@ use crate::metrics::Metrics;
 /// seconds, not the broker's default minute.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// Reconnect attempts are cheap (a refused TCP connect) and the spool waits
-/// for the broker: a short ceiling keeps recovery after an outage prompt.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a clean close (`connection.close` / `close-ok`) may take at
 /// shutdown before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -454,29 +450,6 @@ async fn close(connection: Connection) {
     .await;
 }
 
-/// Capped exponential backoff with full jitter.
-#[derive(Debug, Default)]
-pub struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = BACKOFF_MIN
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(BACKOFF_MAX);
-        self.attempt = self.attempt.saturating_add(1);
-        let jittered = rand::rng().random_range(
-            BACKOFF_MIN.as_millis()..=ceiling.as_millis().max(BACKOFF_MIN.as_millis()),
-        );
-        Duration::from_millis(u64::try_from(jittered).unwrap_or(u64::MAX))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,17 +462,6 @@ mod tests {
             "2026-01-01T00:00:00.123Z"
         );
         assert_eq!(rfc3339_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
-    }
-
-    #[test]
-    fn backoff_is_capped_and_jittered() {
-        let mut b = Backoff::default();
-        for _ in 0..40 {
-            let d = b.next_delay();
-            assert!(d >= BACKOFF_MIN && d <= BACKOFF_MAX, "{d:?}");
-        }
-        b.reset();
-        assert!(b.next_delay() <= BACKOFF_MIN);
     }
 
     #[test]

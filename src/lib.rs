@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod client;

@@ -23,7 +23,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::broker::{Backoff, Broker};
+use crate::backoff::Backoff;
+use crate::broker::Broker;
 use crate::config::SpoolConfig;
 use crate::event::Envelope;
 use crate::metrics::Metrics;
