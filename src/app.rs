@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::dedup::Dedup;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::spool::Spool;
+use crate::outbox::spool::Spool;
 use crate::state::AppState;
 use crate::tls::Tls;
 use crate::{admin, server};
@@ -61,17 +61,14 @@ impl Relay {
         let public_addr = public.local_addr()?;
         let admin_addr = admin.local_addr()?;
 
-        let outbox = Outbox {
-            broker: broker.clone(),
-            spool: spool.clone(),
-        };
+        let outbox = Outbox::new(broker.clone(), spool, metrics.clone());
         let state = Arc::new(AppState::new(config, policy, tls, dedup, outbox, metrics));
 
         let stop_accepting = CancellationToken::new();
         let stop_background = CancellationToken::new();
         let background = vec![
-            tokio::spawn(broker.clone().supervise(stop_background.clone())),
-            tokio::spawn(spool.drain(broker, stop_background.clone())),
+            tokio::spawn(broker.supervise(stop_background.clone())),
+            tokio::spawn(state.outbox.drain(stop_background.clone())),
             tokio::spawn(prune(state.clone(), stop_background.clone())),
             tokio::spawn(admin::serve(admin, state.clone(), stop_background.clone())),
         ];
@@ -116,7 +113,7 @@ impl Relay {
         if let Err(e) = self.server.await {
             warn!(error = %e, "public listener task failed");
         }
-        flush_spool(&self.state, deadline).await;
+        self.state.outbox.flush(deadline).await;
         self.stop_background.cancel();
         let stopped = tokio::time::timeout(
             BACKGROUND_STOP,
@@ -129,24 +126,6 @@ impl Relay {
         let left = self.state.outbox.spool.stats().messages;
         self.state.outbox.spool.close().await;
         info!(spooled = left, "ocrolus-relay stopped");
-    }
-}
-
-/// Lets the drainer empty the spool while the broker is up, until
-/// `deadline`: a spool on an ephemeral volume would otherwise keep accepted
-/// events away from subscribers until some later start.
-async fn flush_spool(state: &AppState, deadline: tokio::time::Instant) {
-    let outbox = &state.outbox;
-    let before = outbox.spool.stats().messages;
-    if before == 0 {
-        return;
-    }
-    info!(spooled = before, "flushing the spool before stopping");
-    while outbox.spool.stats().messages > 0
-        && outbox.broker.is_up()
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -27,7 +27,6 @@ pub mod outbox;
 pub mod proxy_protocol;
 pub mod server;
 pub mod signals;
-pub mod spool;
 pub mod state;
 pub mod tls;
 

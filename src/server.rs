@@ -28,8 +28,8 @@ use crate::dedup::Claim;
 use crate::event::{Envelope, EventError};
 use crate::limits::{self, LimitReject};
 use crate::outbox::Safe;
+use crate::outbox::spool::SpoolError;
 use crate::proxy_protocol;
-use crate::spool::SpoolError;
 use crate::state::AppState;
 
 /// HTTP/2 streams per connection: Ocrolus sends one delivery at a time.

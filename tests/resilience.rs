@@ -1137,7 +1137,8 @@ async fn sigterm_under_load_loses_nothing_and_exits_in_time() {
     // Shutdown flushes the spool while the broker is up; whatever a very
     // slow machine left behind is delivered by the next start.
     let left_in_spool = {
-        let spool = ocrolus_relay::spool::SpoolFile::open(&files.spool_dir).expect("spool file");
+        let spool =
+            ocrolus_relay::outbox::spool::SpoolFile::open(&files.spool_dir).expect("spool file");
         spool.stats().expect("stats").messages
     };
     if left_in_spool > 0 {

@@ -3,7 +3,7 @@
 
 use crate::config::{Config, redact_url};
 use crate::config_error::ConfigError;
-use crate::spool::SpoolFile;
+use crate::outbox::spool::SpoolFile;
 use crate::tls::Tls;
 
 pub fn run(config: &Config) -> Result<(), ConfigError> {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::{BrokerArgs, BrokerConfig};
 use crate::metrics::Metrics;
-use crate::spool::SpoolFile;
+use crate::outbox::spool::SpoolFile;
 
 #[derive(Debug, clap::Args)]
 pub struct SpoolArgs {

@@ -1,3 +1,7 @@
+use std::path::Path;
+use std::time::Duration;
+
+use super::store::RecordHead;
 use super::*;
 
 fn config(dir: &Path, max_events: u64, max_bytes: u64) -> SpoolConfig {

@@ -1,31 +1,20 @@
-//! Pipeline step 12: the durable local outbox. An event the broker did not
-//! confirm is written here and fsynced before the relay answers 200; a
-//! drainer republishes spooled events in arrival order once the broker is
-//! back, removing each only after its confirm.
-//!
-//! Storage is redb: an embedded, pure-Rust, ACID store whose commits are
-//! fsynced (crash-safe under `kill -9` and power loss, no server to run). One
-//! store thread owns the database: it commits whatever writes have queued up
-//! in one transaction, so concurrent requests share an fsync (group commit),
-//! and it serves the drainer's reads. Because it alone holds the database it
-//! can close and reopen it after an I/O error (disk full, say): redb refuses
-//! all work after one (`PreviousIo`), and without a reopen a moment of full
-//! disk would turn every later event into a 503 until restart. The spool is
-//! bounded by bytes and by count; when full, it refuses instead of dropping,
-//! and the request gets 503 so Ocrolus retries.
+//! The spool's store thread: the only owner of the redb database. It commits
+//! whatever writes have queued up in one transaction, so concurrent requests
+//! share an fsync (group commit), and serves the reads. Because it alone
+//! holds the database it can close and reopen it after an I/O error (disk
+//! full, say): redb refuses all work after one (`PreviousIo`), and without a
+//! reopen a moment of full disk would turn every later event into a 503
+//! until restart. Records are postcard-encoded [`Envelope`]s keyed by
+//! arrival order.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{Notify, mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::backoff::Backoff;
-use crate::broker::Broker;
-use crate::config::SpoolConfig;
+use super::{SpoolError, SpoolStats, storage};
 use crate::event::Envelope;
 use crate::metrics::Metrics;
 
@@ -33,36 +22,11 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const FILE_NAME: &str = "spool.redb";
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
-/// Events read per drain round.
-const DRAIN_BATCH: usize = 256;
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SpoolError {
-    #[error("spool is full")]
-    Full,
-    #[error("spool storage failed: {0}")]
-    Storage(String),
-    #[error("spool is closed")]
-    Closed,
-}
-
-impl SpoolError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Full => "spool_full",
-            Self::Storage(_) | Self::Closed => "spool_failed",
-        }
-    }
-}
-
-fn storage<E: std::fmt::Display>(e: E) -> SpoolError {
-    SpoolError::Storage(e.to_string())
-}
-
-type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
+pub(super) type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// Work for the store thread.
-enum Op {
+pub(super) enum Op {
     Append(Vec<u8>, Reply<()>),
     Remove(Vec<u64>, Reply<()>),
     /// The oldest `n` events. Reads go through the store thread too, so that
@@ -74,236 +38,28 @@ enum Op {
     Close(Reply<()>),
 }
 
-/// Counts kept in memory so admission never touches the disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SpoolStats {
-    pub messages: u64,
-    pub bytes: u64,
-    /// `received_at_ms` of the oldest event, if any.
-    pub oldest_ms: Option<i64>,
-}
-
-pub struct Spool {
-    ops: mpsc::Sender<Op>,
-    stats: Arc<Mutex<SpoolStats>>,
-    config: SpoolConfig,
+/// Opens (or creates) the database in `dir` and starts the store thread.
+/// Returns the queue to it and the counts it keeps in step.
+pub(super) fn start(
+    dir: &Path,
     metrics: Arc<Metrics>,
-    /// Wakes the drainer when something was spooled.
-    spooled: Arc<Notify>,
-}
-
-impl Spool {
-    /// Opens (or creates) the spool and starts its store thread.
-    pub fn open(config: SpoolConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, SpoolError> {
-        let db = open_db(&config.dir)?;
-        let stats = Arc::new(Mutex::new(scan(&db)?));
-        let next_key = last_key(&db).map_err(storage)?.map_or(0, |k| k + 1);
-        let store = Store {
-            path: config.dir.join(FILE_NAME),
-            db: Some(db),
-            next_key,
-            metrics: metrics.clone(),
-        };
-        let (ops, queue) = mpsc::channel(MAX_BATCH * 4);
-        let spool = Arc::new(Self {
-            ops,
-            stats: stats.clone(),
-            config,
-            metrics,
-            spooled: Arc::new(Notify::new()),
-        });
-        spool.publish_stats();
-        std::thread::Builder::new()
-            .name("spool-store".into())
-            .spawn(move || store.run(queue, stats))
-            .map_err(storage)?;
-        Ok(spool)
-    }
-
-    pub fn stats(&self) -> SpoolStats {
-        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// True while one more typical event fits.
-    pub fn has_room(&self) -> bool {
-        let s = self.stats();
-        s.messages < self.config.max_events && s.bytes < self.config.max_bytes
-    }
-
-    /// Stores one event durably (fsynced) or says why not.
-    pub async fn append(&self, envelope: &Envelope) -> Result<(), SpoolError> {
-        let record = postcard::to_stdvec(envelope).map_err(storage)?;
-        let len = record.len() as u64;
-        {
-            let mut s = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
-            if s.messages + 1 > self.config.max_events || s.bytes + len > self.config.max_bytes {
-                return Err(SpoolError::Full);
-            }
-            // Reserve now so concurrent appends cannot overshoot the bound.
-            s.messages += 1;
-            s.bytes += len;
-            s.oldest_ms.get_or_insert(envelope.received_at_ms);
-        }
-        let result = self.submit(|done| Op::Append(record, done)).await;
-        if result.is_err() {
-            let mut s = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
-            s.messages = s.messages.saturating_sub(1);
-            s.bytes = s.bytes.saturating_sub(len);
-            self.metrics.spool_errors.inc();
-        } else {
-            self.spooled.notify_one();
-        }
-        self.publish_stats();
-        result
-    }
-
-    async fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, SpoolError> {
-        let (done, answer) = oneshot::channel();
-        self.ops
-            .send(make(done))
-            .await
-            .map_err(|_| SpoolError::Closed)?;
-        answer.await.map_err(|_| SpoolError::Closed)?
-    }
-
-    /// Closes the database file and stops the store thread, so that the
-    /// file lock is released when shutdown returns (not whenever the last
-    /// handle happens to be dropped): a restart in the same process, or the
-    /// `spool` subcommand right after, can open it. Appends after this fail
-    /// with [`SpoolError::Closed`], which is a 503, never a 200.
-    pub async fn close(&self) {
-        let _ = self.submit(Op::Close).await;
-    }
-
-    /// The oldest `limit` events, in arrival order.
-    pub async fn peek(&self, limit: usize) -> Result<Vec<(u64, Envelope)>, SpoolError> {
-        self.submit(|done| Op::Read(limit, done)).await
-    }
-
-    /// Removes confirmed events.
-    pub async fn remove(&self, keys: Vec<u64>) -> Result<(), SpoolError> {
-        let result = self.submit(|done| Op::Remove(keys, done)).await;
-        if result.is_err() {
-            self.metrics.spool_errors.inc();
-        }
-        self.publish_stats();
-        result
-    }
-
-    /// Delivery ids currently spooled (for de-duplication after a restart).
-    pub async fn ids(&self) -> Result<Vec<String>, SpoolError> {
-        self.submit(Op::Ids).await
-    }
-
-    fn publish_stats(&self) {
-        let s = self.stats();
-        let m = &self.metrics;
-        m.spool_messages
-            .set(i64::try_from(s.messages).unwrap_or(i64::MAX));
-        m.spool_bytes
-            .set(i64::try_from(s.bytes).unwrap_or(i64::MAX));
-        m.spool_max_messages
-            .set(i64::try_from(self.config.max_events).unwrap_or(i64::MAX));
-        m.spool_max_bytes
-            .set(i64::try_from(self.config.max_bytes).unwrap_or(i64::MAX));
-        let age = s
-            .oldest_ms
-            .map_or(0, |oldest| (crate::now_ms() - oldest).max(0) / 1000);
-        m.spool_oldest_age.set(age);
-    }
-
-    /// Republishes spooled events, oldest first, whenever the broker is up.
-    /// Each event leaves the spool only after its confirm. Confirmed events
-    /// that could not be removed (storage failing) are removed before
-    /// anything else is published: republishing them round after round
-    /// would flood subscribers with duplicates.
-    pub async fn drain(self: Arc<Self>, broker: Arc<Broker>, shutdown: CancellationToken) {
-        let mut backoff = Backoff::default();
-        let mut unremoved: Vec<u64> = Vec::new();
-        loop {
-            self.publish_stats();
-            let idle = self.stats().messages == 0 || !broker.is_up();
-            if idle {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = self.spooled.notified() => {}
-                    _ = broker.became_up() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-                continue;
-            }
-            let result = if unremoved.is_empty() {
-                self.drain_batch(&broker, &shutdown, &mut unremoved).await
-            } else {
-                self.remove_confirmed(&mut unremoved).await
-            };
-            if shutdown.is_cancelled() {
-                if !unremoved.is_empty() {
-                    warn!(
-                        events = unremoved.len(),
-                        "confirmed events still in the spool; they will be published again"
-                    );
-                }
-                return;
-            }
-            match result {
-                Ok(()) => backoff.reset(),
-                Err(reason) => {
-                    warn!(%reason, "spool drain paused");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// Publishes up to one batch in order, stopping at the first failure.
-    async fn drain_batch(
-        &self,
-        broker: &Broker,
-        shutdown: &CancellationToken,
-        unremoved: &mut Vec<u64>,
-    ) -> Result<(), String> {
-        let batch = self.peek(DRAIN_BATCH).await.map_err(|e| {
-            self.metrics.spool_errors.inc();
-            format!("spool read failed: {e}")
-        })?;
-        let mut failure = None;
-        for (key, envelope) in &batch {
-            if shutdown.is_cancelled() {
-                break;
-            }
-            match broker.publish_ordered(envelope).await {
-                Ok(()) => unremoved.push(*key),
-                Err(e) => {
-                    failure = Some(format!("publish failed: {e}"));
-                    break;
-                }
-            }
-        }
-        if !unremoved.is_empty() {
-            self.remove_confirmed(unremoved).await?;
-        }
-        failure.map_or(Ok(()), Err)
-    }
-
-    async fn remove_confirmed(&self, unremoved: &mut Vec<u64>) -> Result<(), String> {
-        let drained = unremoved.len() as u64;
-        match self.remove(unremoved.clone()).await {
-            Ok(()) => {
-                unremoved.clear();
-                self.metrics.spool_drained.inc_by(drained);
-                info!(drained, left = self.stats().messages, "spool drained");
-                Ok(())
-            }
-            Err(e) => {
-                error!(error = %e, events = drained, "confirmed events cannot be removed from the spool");
-                Err(format!("spool remove failed: {e}"))
-            }
-        }
-    }
+) -> Result<(mpsc::Sender<Op>, Arc<Mutex<SpoolStats>>), SpoolError> {
+    let db = open_db(dir)?;
+    let stats = Arc::new(Mutex::new(scan(&db)?));
+    let next_key = last_key(&db).map_err(storage)?.map_or(0, |k| k + 1);
+    let store = Store {
+        path: dir.join(FILE_NAME),
+        db: Some(db),
+        next_key,
+        metrics,
+    };
+    let (ops, queue) = mpsc::channel(MAX_BATCH * 4);
+    let counts = stats.clone();
+    std::thread::Builder::new()
+        .name("spool-store".into())
+        .spawn(move || store.run(queue, counts))
+        .map_err(storage)?;
+    Ok((ops, stats))
 }
 
 fn open_db(dir: &Path) -> Result<Database, SpoolError> {
@@ -358,17 +114,17 @@ fn read_first(
 /// fields in order, so these decode without copying the body (up to the
 /// body limit) on every commit or id scan.
 #[derive(serde::Deserialize)]
-struct RecordHead {
-    id: String,
+pub(super) struct RecordHead {
+    pub(super) id: String,
     _routing_key: String,
     _event_name: String,
     _ocrolus_timestamp: Option<String>,
     _client_ip: String,
-    received_at_ms: i64,
+    pub(super) received_at_ms: i64,
 }
 
 impl RecordHead {
-    fn decode(record: &[u8]) -> Option<Self> {
+    pub(super) fn decode(record: &[u8]) -> Option<Self> {
         postcard::take_from_bytes::<Self>(record)
             .ok()
             .map(|(head, _)| head)
@@ -589,6 +345,3 @@ impl SpoolFile {
         txn.commit().map_err(storage)
     }
 }
-
-#[cfg(test)]
-mod tests;
