@@ -43,7 +43,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// shutdown before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Why a publish was not confirmed. Each is a metric reason.
+/// Why a publish was not confirmed; also the `reason` label of
+/// `publish_failures_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
     #[error("broker nacked the message")]
@@ -59,7 +60,17 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    pub fn reason(self) -> &'static str {
+    /// Every value, for the series created at start ([`Broker::new`]).
+    pub const ALL: &[Self] = &[
+        Self::Nack,
+        Self::Returned,
+        Self::Timeout,
+        Self::Disconnected,
+        Self::Blocked,
+    ];
+
+    /// The `reason` label of `publish_failures_total`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Nack => "nack",
             Self::Returned => "returned",
@@ -92,6 +103,11 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(config: BrokerConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        for failure in PublishError::ALL {
+            metrics
+                .publish_failures
+                .with_label_values(&[failure.as_str()]);
+        }
         Arc::new(Self {
             config,
             link: ArcSwapOption::empty(),
@@ -143,7 +159,7 @@ impl Broker {
             Err(e) => self
                 .metrics
                 .publish_failures
-                .with_label_values(&[e.reason()])
+                .with_label_values(&[e.as_str()])
                 .inc(),
         }
         result

@@ -12,7 +12,7 @@ use crate::config::{Config, Policy};
 use crate::config_error::ConfigError;
 use crate::dedup::Dedup;
 use crate::limits::Admission;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReloadResult};
 use crate::outbox::Outbox;
 use crate::tls::Tls;
 
@@ -80,7 +80,7 @@ impl AppState {
                 }
                 self.metrics
                     .config_reloads
-                    .with_label_values(&["success"])
+                    .with_label_values(&[ReloadResult::Success.as_str()])
                     .inc();
                 info!("configuration reloaded");
                 Ok(())
@@ -88,7 +88,7 @@ impl AppState {
             Err(e) => {
                 self.metrics
                     .config_reloads
-                    .with_label_values(&["failure"])
+                    .with_label_values(&[ReloadResult::Failure.as_str()])
                     .inc();
                 error!(error = %e, "reload rejected; keeping the running configuration");
                 Err(e)

@@ -7,23 +7,11 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-const PREFIX: &str = "ocrolus_relay";
+mod labels;
 
-/// Every value of the `outcome` label of `requests_total`.
-pub const OUTCOMES: [&str; 12] = [
-    "published",
-    "spooled",
-    "duplicate",
-    "forbidden",
-    "unauthorized",
-    "bad_request",
-    "not_found",
-    "method_not_allowed",
-    "payload_too_large",
-    "rate_limited",
-    "timeout",
-    "unavailable",
-];
+pub use labels::{Outcome, Reason, ReloadResult};
+
+const PREFIX: &str = "ocrolus_relay";
 
 pub struct Metrics {
     registry: Registry,
@@ -157,14 +145,14 @@ impl Metrics {
         };
         // Known label values start at 0, so a series exists (and rate() and
         // alerts work) before the first event of its kind.
-        for outcome in OUTCOMES {
-            m.requests.with_label_values(&[outcome]);
+        for outcome in Outcome::ALL {
+            m.requests.with_label_values(&[outcome.as_str()]);
         }
-        for reason in ["nack", "returned", "timeout", "disconnected", "blocked"] {
-            m.publish_failures.with_label_values(&[reason]);
+        for reason in Reason::ALL {
+            m.rejections.with_label_values(&[reason.as_str()]);
         }
-        for result in ["success", "failure"] {
-            m.config_reloads.with_label_values(&[result]);
+        for result in ReloadResult::ALL {
+            m.config_reloads.with_label_values(&[result.as_str()]);
         }
         let info = IntGaugeVec::new(
             Opts::new("build_info", "Build information; always 1."),
@@ -175,6 +163,11 @@ impl Metrics {
             let _ = m.registry.register(Box::new(info));
         }
         m
+    }
+
+    /// Counts a refused request or connection by its precise reason.
+    pub fn reject(&self, reason: Reason) {
+        self.rejections.with_label_values(&[reason.as_str()]).inc();
     }
 
     /// Prometheus text exposition format.
