@@ -282,8 +282,8 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
         .map_err(|_| AuthError::DuplicateHeader)
 }
 
-/// Why a delivery was not authenticated. All map to 401; the variant is the
-/// metric reason and is logged, never sent back.
+/// Why a delivery was not authenticated. All map to 401; each variant has its
+/// metric reason (see `reject.rs`) and is logged, never sent back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("missing Webhook-Signature")]
@@ -308,24 +308,6 @@ pub enum AuthError {
     MissingCredentials,
     #[error("Basic credentials do not match")]
     BadCredentials,
-}
-
-impl AuthError {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::MissingSignature => "missing_signature",
-            Self::MalformedSignature => "malformed_signature",
-            Self::BadSignature => "bad_signature",
-            Self::MissingTimestamp => "missing_timestamp",
-            Self::MalformedTimestamp => "malformed_timestamp",
-            Self::StaleTimestamp => "stale_timestamp",
-            Self::MissingRequestId => "missing_request_id",
-            Self::MalformedRequestId => "malformed_request_id",
-            Self::DuplicateHeader => "bad_auth_header",
-            Self::MissingCredentials => "missing_credentials",
-            Self::BadCredentials => "bad_credentials",
-        }
-    }
 }
 
 /// Ocrolus' `Webhook-Request-Id`: printable ASCII, fits an AMQP short string.

@@ -301,17 +301,6 @@ pub enum EventError {
     BadName,
 }
 
-impl EventError {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::InvalidJson => "invalid_json",
-            Self::NotAnObject => "not_an_object",
-            Self::NoEvent => "no_event",
-            Self::BadName => "bad_event_name",
-        }
-    }
-}
-
 /// A resolved event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {

@@ -32,15 +32,6 @@ pub enum SpoolError {
     Closed,
 }
 
-impl SpoolError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Full => "spool_full",
-            Self::Storage(_) | Self::Closed => "spool_failed",
-        }
-    }
-}
-
 fn storage<E: std::fmt::Display>(e: E) -> SpoolError {
     SpoolError::Storage(e.to_string())
 }

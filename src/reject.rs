@@ -1,0 +1,305 @@
+//! Why a request was not accepted, and the one table that turns each cause
+//! into its answer: status, `outcome` (the `{"error":…}` body and the
+//! `requests_total` label), `reason` (the `rejections_total` label and the
+//! log) and `Retry-After`.
+
+use http::StatusCode;
+
+use crate::auth::AuthError;
+use crate::client::NetReject;
+use crate::event::EventError;
+use crate::limits::LimitReject;
+use crate::metrics::{Outcome, Reason};
+use crate::outbox::spool::SpoolError;
+
+/// Every way a request can fail, one variant per pipeline step.
+#[derive(Debug, thiserror::Error)]
+pub enum Reject {
+    #[error(transparent)]
+    Net(#[from] NetReject),
+    #[error("no such path")]
+    NotFound,
+    #[error("method is not POST")]
+    MethodNotAllowed,
+    #[error(transparent)]
+    Limit(#[from] LimitReject),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Event(#[from] EventError),
+    #[error(transparent)]
+    Unavailable(#[from] SpoolError),
+    #[error("request deadline passed")]
+    Deadline,
+}
+
+/// How a rejection is answered and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub outcome: Outcome,
+    pub reason: Reason,
+    pub retry_after: Option<u64>,
+}
+
+impl Reject {
+    pub fn answer(&self) -> Answer {
+        use Outcome as O;
+        use Reason as R;
+        use StatusCode as S;
+        let (status, outcome, reason, retry_after) = match self {
+            Self::Net(NetReject::NotAllowed) => {
+                (S::FORBIDDEN, O::Forbidden, R::NotAllowlisted, None)
+            }
+            Self::Net(NetReject::BadForwarded) => {
+                (S::FORBIDDEN, O::Forbidden, R::BadForwardedFor, None)
+            }
+            Self::NotFound => (S::NOT_FOUND, O::NotFound, R::NotFound, None),
+            Self::MethodNotAllowed => (
+                S::METHOD_NOT_ALLOWED,
+                O::MethodNotAllowed,
+                R::MethodNotAllowed,
+                None,
+            ),
+            Self::Limit(limit) => limit_answer(*limit),
+            Self::Auth(e) => (S::UNAUTHORIZED, O::Unauthorized, auth_reason(*e), None),
+            Self::Event(e) => (S::BAD_REQUEST, O::BadRequest, event_reason(*e), None),
+            Self::Unavailable(SpoolError::Full) => (
+                S::SERVICE_UNAVAILABLE,
+                O::Unavailable,
+                R::SpoolFull,
+                Some(30),
+            ),
+            Self::Unavailable(SpoolError::Storage(_) | SpoolError::Closed) => (
+                S::SERVICE_UNAVAILABLE,
+                O::Unavailable,
+                R::SpoolFailed,
+                Some(30),
+            ),
+            Self::Deadline => (
+                S::SERVICE_UNAVAILABLE,
+                O::Timeout,
+                R::RequestDeadline,
+                Some(1),
+            ),
+        };
+        Answer {
+            status,
+            outcome,
+            reason,
+            retry_after,
+        }
+    }
+}
+
+fn limit_answer(limit: LimitReject) -> (StatusCode, Outcome, Reason, Option<u64>) {
+    use Outcome as O;
+    use Reason as R;
+    use StatusCode as S;
+    match limit {
+        LimitReject::DeclaredTooLarge => (
+            S::PAYLOAD_TOO_LARGE,
+            O::PayloadTooLarge,
+            R::DeclaredTooLarge,
+            None,
+        ),
+        LimitReject::BodyTooLarge => (
+            S::PAYLOAD_TOO_LARGE,
+            O::PayloadTooLarge,
+            R::BodyTooLarge,
+            None,
+        ),
+        LimitReject::BadContentLength => (S::BAD_REQUEST, O::BadRequest, R::BadContentLength, None),
+        LimitReject::BodyAborted => (S::BAD_REQUEST, O::BadRequest, R::BodyAborted, None),
+        LimitReject::BodyTimeout => (S::REQUEST_TIMEOUT, O::Timeout, R::BodyTimeout, None),
+        LimitReject::RateLimitedClient { retry_after_secs } => (
+            S::TOO_MANY_REQUESTS,
+            O::RateLimited,
+            R::RateLimitedIp,
+            Some(retry_after_secs),
+        ),
+        LimitReject::RateLimitedGlobal { retry_after_secs } => (
+            S::TOO_MANY_REQUESTS,
+            O::RateLimited,
+            R::RateLimitedGlobal,
+            Some(retry_after_secs),
+        ),
+        LimitReject::TooManyInFlight => (
+            S::SERVICE_UNAVAILABLE,
+            O::Unavailable,
+            R::TooManyInFlight,
+            Some(1),
+        ),
+    }
+}
+
+fn auth_reason(e: AuthError) -> Reason {
+    match e {
+        AuthError::MissingSignature => Reason::MissingSignature,
+        AuthError::MalformedSignature => Reason::MalformedSignature,
+        AuthError::BadSignature => Reason::BadSignature,
+        AuthError::MissingTimestamp => Reason::MissingTimestamp,
+        AuthError::MalformedTimestamp => Reason::MalformedTimestamp,
+        AuthError::StaleTimestamp => Reason::StaleTimestamp,
+        AuthError::MissingRequestId => Reason::MissingRequestId,
+        AuthError::MalformedRequestId => Reason::MalformedRequestId,
+        AuthError::DuplicateHeader => Reason::BadAuthHeader,
+        AuthError::MissingCredentials => Reason::MissingCredentials,
+        AuthError::BadCredentials => Reason::BadCredentials,
+    }
+}
+
+fn event_reason(e: EventError) -> Reason {
+    match e {
+        EventError::InvalidJson => Reason::InvalidJson,
+        EventError::NotAnObject => Reason::NotAnObject,
+        EventError::NoEvent => Reason::NoEvent,
+        EventError::BadName => Reason::BadEventName,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table as it was when it was hand-written at the call sites: the
+    /// answers Ocrolus and the dashboards see must not move.
+    #[test]
+    fn answers_keep_their_status_outcome_and_reason() {
+        let cases: Vec<(Reject, u16, &str, &str, Option<u64>)> = vec![
+            (
+                NetReject::NotAllowed.into(),
+                403,
+                "forbidden",
+                "not_allowlisted",
+                None,
+            ),
+            (
+                NetReject::BadForwarded.into(),
+                403,
+                "forbidden",
+                "bad_forwarded_for",
+                None,
+            ),
+            (Reject::NotFound, 404, "not_found", "not_found", None),
+            (
+                Reject::MethodNotAllowed,
+                405,
+                "method_not_allowed",
+                "method_not_allowed",
+                None,
+            ),
+            (
+                LimitReject::DeclaredTooLarge.into(),
+                413,
+                "payload_too_large",
+                "declared_too_large",
+                None,
+            ),
+            (
+                LimitReject::BodyTooLarge.into(),
+                413,
+                "payload_too_large",
+                "body_too_large",
+                None,
+            ),
+            (
+                LimitReject::BadContentLength.into(),
+                400,
+                "bad_request",
+                "bad_content_length",
+                None,
+            ),
+            (
+                LimitReject::BodyAborted.into(),
+                400,
+                "bad_request",
+                "body_aborted",
+                None,
+            ),
+            (
+                LimitReject::BodyTimeout.into(),
+                408,
+                "timeout",
+                "body_timeout",
+                None,
+            ),
+            (
+                LimitReject::RateLimitedClient {
+                    retry_after_secs: 2,
+                }
+                .into(),
+                429,
+                "rate_limited",
+                "rate_limited_ip",
+                Some(2),
+            ),
+            (
+                LimitReject::RateLimitedGlobal {
+                    retry_after_secs: 3,
+                }
+                .into(),
+                429,
+                "rate_limited",
+                "rate_limited_global",
+                Some(3),
+            ),
+            (
+                LimitReject::TooManyInFlight.into(),
+                503,
+                "unavailable",
+                "too_many_in_flight",
+                Some(1),
+            ),
+            (
+                AuthError::DuplicateHeader.into(),
+                401,
+                "unauthorized",
+                "bad_auth_header",
+                None,
+            ),
+            (
+                AuthError::StaleTimestamp.into(),
+                401,
+                "unauthorized",
+                "stale_timestamp",
+                None,
+            ),
+            (
+                EventError::BadName.into(),
+                400,
+                "bad_request",
+                "bad_event_name",
+                None,
+            ),
+            (
+                SpoolError::Full.into(),
+                503,
+                "unavailable",
+                "spool_full",
+                Some(30),
+            ),
+            (
+                SpoolError::Closed.into(),
+                503,
+                "unavailable",
+                "spool_failed",
+                Some(30),
+            ),
+            (
+                Reject::Deadline,
+                503,
+                "timeout",
+                "request_deadline",
+                Some(1),
+            ),
+        ];
+        for (reject, status, outcome, reason, retry_after) in cases {
+            let answer = reject.answer();
+            assert_eq!(answer.status.as_u16(), status, "{reject:?}");
+            assert_eq!(answer.outcome.as_str(), outcome, "{reject:?}");
+            assert_eq!(answer.reason.as_str(), reason, "{reject:?}");
+            assert_eq!(answer.retry_after, retry_after, "{reject:?}");
+        }
+    }
+}
