@@ -32,7 +32,7 @@ pub enum Command {
 
 const EX_USAGE: u8 = 64;
 
-pub fn main(cli: Cli) -> ExitCode {
+pub fn run(cli: Cli) -> ExitCode {
     let log_format = match &cli.command {
         Command::Serve(args) => args.log_format,
         _ => LogFormat::Text,

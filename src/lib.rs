@@ -2,35 +2,56 @@
 //! republishes each verified event onto a RabbitMQ topic exchange, answering
 //! 200 only once the event is safe (broker-confirmed or fsynced in the spool).
 //!
-//! The modules follow the request pipeline of DESIGN.md:
-//! [`server`] (accept, steps 1 and 13) → [`client`] (client address, allowlist)
-//! → [`limits`] (sizes, rate limits, body read) → [`auth`] (HMAC / Basic) →
-//! [`event`] (routing key) → [`dedup`] → [`outbox`] ([`broker`] confirm, else
-//! [`spool`]). Around it: [`config`], [`tls`], [`proxy_protocol`],
-//! [`metrics`], [`admin`], [`app`] (wiring) and [`signals`].
+//! The modules follow the request pipeline (docs/architecture.md):
+//! [`server`] (step 1: accept, PROXY, TLS, HTTP) → [`pipeline`] (steps 2-13
+//! in order) through [`client`] (client address, allowlist) → [`limits`]
+//! (sizes, rate limits, body read) → [`auth`] (HMAC / Basic) → [`event`]
+//! (routing key) → [`dedup`] → [`outbox`] ([`broker`] confirm, else the
+//! spool); [`reject`] answers every failure. Around it: [`config`],
+//! [`tls`], [`proxy_protocol`], [`metrics`], [`admin`], [`state`], [`app`]
+//! (wiring) and [`signals`].
+//!
+//! Every module is private to the crate; the `pub use` lines below are the
+//! whole surface, for the binary, the integration tests, the benchmark and
+//! the fuzz targets.
 
-pub mod admin;
-pub mod app;
-pub mod auth;
-pub mod backoff;
-pub mod broker;
-pub mod cli;
-pub mod client;
-pub mod cmd;
-pub mod config;
-pub mod config_error;
-pub mod dedup;
-pub mod event;
-pub mod limits;
-pub mod metrics;
-pub mod outbox;
-pub mod pipeline;
-pub mod proxy_protocol;
-pub mod reject;
-pub mod server;
-pub mod signals;
-pub mod state;
-pub mod tls;
+mod admin;
+mod app;
+mod auth;
+mod backoff;
+mod broker;
+mod cli;
+mod client;
+mod cmd;
+mod config;
+mod config_error;
+mod dedup;
+mod event;
+mod limits;
+mod metrics;
+mod outbox;
+mod pipeline;
+mod proxy_protocol;
+mod reject;
+mod server;
+mod signals;
+mod state;
+mod tls;
+
+// The binary and whole relays in tests.
+pub use app::Relay;
+pub use cli::{Cli, Command, run};
+pub use config::{BrokerConfig, Config};
+pub use state::AppState;
+
+// What a delivery and a message look like, for tests, the benchmark and fuzzing.
+pub use auth::{AuthPolicy, BasicCredentials, Secrets, sign};
+pub use broker::{declare_topology, properties, rfc3339_millis};
+pub use client::{NetPolicy, NetReject};
+pub use cmd::send_test::{sample_body, tls_connector};
+pub use event::{AccountLevel, EventTable, KNOWN_EVENTS, LEGACY_STATUS_MAP, account_level_map};
+pub use outbox::spool::SpoolFile;
+pub use proxy_protocol::parse as parse_proxy_header;
 
 /// Wall-clock Unix milliseconds.
 pub fn now_ms() -> i64 {

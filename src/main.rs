@@ -1,5 +1,5 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    ocrolus_relay::cli::main(ocrolus_relay::cli::Cli::parse())
+    ocrolus_relay::run(ocrolus_relay::Cli::parse())
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use lapin::types::AMQPValue;
-use ocrolus_relay::event::KNOWN_EVENTS;
+use ocrolus_relay::KNOWN_EVENTS;
 
 fn header(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
     let headers = m.delivery.properties.headers().as_ref()?;

@@ -24,7 +24,7 @@ use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use ocrolus_relay::config::BrokerConfig;
+use ocrolus_relay::BrokerConfig;
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ocrolus-relay");
@@ -696,7 +696,7 @@ impl BinaryRelay {
             confirm_timeout: Duration::from_secs(2),
             channels: 1,
         };
-        ocrolus_relay::broker::declare_topology(&broker.channel, &config)
+        ocrolus_relay::declare_topology(&broker.channel, &config)
             .await
             .expect("declare topology");
     }
@@ -1137,8 +1137,7 @@ async fn sigterm_under_load_loses_nothing_and_exits_in_time() {
     // Shutdown flushes the spool while the broker is up; whatever a very
     // slow machine left behind is delivered by the next start.
     let left_in_spool = {
-        let spool =
-            ocrolus_relay::outbox::spool::SpoolFile::open(&files.spool_dir).expect("spool file");
+        let spool = ocrolus_relay::SpoolFile::open(&files.spool_dir).expect("spool file");
         spool.stats().expect("stats").messages
     };
     if left_in_spool > 0 {

@@ -12,9 +12,7 @@ use std::time::Duration;
 use common::*;
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions};
-use ocrolus_relay::event::{
-    AccountLevel, EventTable, KNOWN_EVENTS, LEGACY_STATUS_MAP, account_level_map,
-};
+use ocrolus_relay::{AccountLevel, EventTable, KNOWN_EVENTS, LEGACY_STATUS_MAP, account_level_map};
 use serde_json::{Value, json};
 
 fn repo(path: &str) -> PathBuf {

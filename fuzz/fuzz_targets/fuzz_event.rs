@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ocrolus_relay::event::EventTable;
+use ocrolus_relay::EventTable;
 
 fn well_formed(key: &str) -> bool {
     (1..=255).contains(&key.len())

@@ -19,7 +19,7 @@ use std::sync::LazyLock;
 
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use ocrolus_relay::client::{NetPolicy, NetReject};
+use ocrolus_relay::{NetPolicy, NetReject};
 
 const POLICY: &str = "\
 allow:

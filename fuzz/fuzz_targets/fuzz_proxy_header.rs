@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ocrolus_relay::proxy_protocol;
+use ocrolus_relay::parse_proxy_header;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = proxy_protocol::parse(data);
+    let _ = parse_proxy_header(data);
 });

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use ocrolus_relay::auth::{AuthPolicy, BasicCredentials, Secrets};
+use ocrolus_relay::{AuthPolicy, BasicCredentials, Secrets};
 use sha2::Sha256;
 
 const SECRETS: [&str; 2] = ["fuzz-secret-0123456789abcdef", "second-rotated-secret-XYZ"];

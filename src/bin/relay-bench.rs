@@ -36,8 +36,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use ocrolus_relay::auth::sign;
-use ocrolus_relay::cmd::send_test::{sample_body, tls_connector};
+use ocrolus_relay::{sample_body, sign, tls_connector};
 use rustls_pki_types::ServerName;
 use serde_json::json;
 use tokio::net::TcpStream;
@@ -759,7 +758,7 @@ fn properties(id: &str, routing_key: &str, timestamp: &str) -> BasicProperties {
     put("x-relay-client-ip", "127.0.0.1");
     put(
         "x-relay-received-at",
-        &ocrolus_relay::broker::rfc3339_millis(now_ms),
+        &ocrolus_relay::rfc3339_millis(now_ms),
     );
     BasicProperties::default()
         .with_delivery_mode(2)

@@ -20,9 +20,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
-use ocrolus_relay::app::Relay;
-use ocrolus_relay::cli::{Cli, Command};
-use ocrolus_relay::config::Config;
+use ocrolus_relay::{Cli, Command, Config, Relay};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -341,7 +339,7 @@ pub fn signed_headers(
     body: &[u8],
 ) -> Vec<(String, String)> {
     let ts = timestamp.to_string();
-    let sig = hex::encode(ocrolus_relay::auth::sign(secret.as_bytes(), &ts, id, body));
+    let sig = hex::encode(ocrolus_relay::sign(secret.as_bytes(), &ts, id, body));
     vec![
         ("content-type".into(), "application/json".into()),
         ("webhook-request-id".into(), id.into()),
