@@ -100,7 +100,7 @@ impl Relay {
     /// deadline, spend what is left of the deadline flushing the spool to
     /// the broker (if it is up), then stop the drainer and close the broker
     /// connection cleanly. Undelivered events stay in the spool for the next
-    /// start. Total time: grace + deadline + at most [`BACKGROUND_STOP`].
+    /// start. Total time: grace + deadline + at most `BACKGROUND_STOP`.
     pub async fn shutdown(self) {
         self.state.start_draining();
         let grace = self.state.config.shutdown.grace;

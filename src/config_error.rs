@@ -1,5 +1,5 @@
 //! The error of every configuration boundary: flags, files and reloads. It
-//! lives apart from [`crate::config`] so that the modules the configuration
+//! lives apart from the config module so that the modules the configuration
 //! is built from (auth, client, event, tls) do not import it back.
 
 /// A configuration problem, worded for the operator.

@@ -3,13 +3,13 @@
 //! 200 only once the event is safe (broker-confirmed or fsynced in the spool).
 //!
 //! The modules follow the request pipeline (docs/architecture.md):
-//! [`server`] (step 1: accept, PROXY, TLS, HTTP) → [`pipeline`] (steps 2-13
-//! in order) through [`client`] (client address, allowlist) → [`limits`]
-//! (sizes, rate limits, body read) → [`auth`] (HMAC / Basic) → [`event`]
-//! (routing key) → [`dedup`] → [`outbox`] ([`broker`] confirm, else the
-//! spool); [`reject`] answers every failure. Around it: [`config`],
-//! [`tls`], [`proxy_protocol`], [`metrics`], [`admin`], [`state`], [`app`]
-//! (wiring) and [`signals`].
+//! `server` (step 1: accept, PROXY, TLS, HTTP) → `pipeline` (steps 2-13
+//! in order) through `client` (client address, allowlist) → `limits`
+//! (sizes, rate limits, body read) → `auth` (HMAC / Basic) → `event`
+//! (routing key) → `dedup` → `outbox` (`broker` confirm, else the
+//! spool); `reject` answers every failure. Around it: `config`,
+//! `tls`, `proxy_protocol`, `metrics`, `admin`, `state`, `app`
+//! (wiring) and `signals`.
 //!
 //! Every module is private to the crate; the `pub use` lines below are the
 //! whole surface, for the binary, the integration tests, the benchmark and

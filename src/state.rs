@@ -1,6 +1,6 @@
 //! The shared state every request and the admin listener read: the
 //! configuration, the reloadable policy and certificate, admission, the
-//! de-duplication window and the outbox. Built by [`crate::app`].
+//! de-duplication window and the outbox. Built by `app`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
