@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark of ocrolus-relay against the direct-publish baseline (issue 7).
+# Benchmark of ocrolus-relay against the direct-publish baseline.
 # Not part of CI. Needs RabbitMQ on 127.0.0.1:5672 (guest/guest).
 #
 #   bench/run.sh                # everything, < 10 minutes

@@ -230,7 +230,7 @@ run "every YAML/JSON file under deploy/ and grafana/ parses" check_syntax
 
 # --------------------------------------------------------------------------
 # Metric names: dashboard and alert expressions use only what the relay
-# exports (the list in /work/shared/DESIGN.md's metrics contract).
+# exports (docs/operations.md, "Metrics"; src/metrics/mod.rs).
 # --------------------------------------------------------------------------
 check_metric_names() {
   python3 - <<'PY'

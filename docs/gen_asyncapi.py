@@ -10,8 +10,9 @@ the example files in docs/examples/) and run:
 
 docs/validate_asyncapi.py runs the --check comparison too.
 
-Sources: the routing contract in DESIGN.md ("Events and routing", "The AMQP
-message") and Ocrolus' published material summarised in OCROLUS.md.
+Sources: the routing contract in docs/subscribers.md ("Routing keys", "The
+message"), implemented in src/event.rs and src/broker.rs, and Ocrolus'
+published examples in docs/examples/.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ UNROUTED = "ocrolus.events.unrouted"
 NAME_PATTERN = "^[A-Za-z0-9._-]{1,255}$"
 FAILED_STATUS_PATTERN = "^(REJECTED|.*_FAILED)$"
 
-# The 27 known organization-level event names (DESIGN.md, "Known
-# organization-level events"), with a one-line summary each.  Summaries stay
+# The 27 known organization-level event names (docs/subscribers.md,
+# "Routing keys"), with a one-line summary each.  Summaries stay
 # close to Ocrolus' own wording where there is any; the rest is kept generic.
 ROUTING_KEYS: dict[str, str] = {
     "book.analytics_completed": "Analytics for a book have been computed (account-level twin: ANALYTICS_COMPLETED).",

@@ -17,7 +17,7 @@ Checks:
     unchanged in the message of its routing key, validates against that
     message's payload schema (and its example headers against RelayHeaders),
     and resolves to that routing key under the documented rules;
-  * the documented rules resolve a set of synthetic bodies as DESIGN.md says;
+  * the documented rules resolve a set of synthetic bodies as docs/subscribers.md says;
   * with --parser DIR (a folder where `npm install @asyncapi/parser` was
     run), the official AsyncAPI parser also accepts the document. Optional:
     CI does not need node.
@@ -43,7 +43,7 @@ DOC_PATH = HERE / "asyncapi.yaml"
 EXAMPLES = HERE / "examples"
 DOC_URI = "urn:ocrolus-relay:asyncapi"
 
-# DESIGN.md, "Known organization-level events" (kept here on purpose: a
+# docs/subscribers.md, "Routing keys" (kept here on purpose: a
 # second copy, so that a change to either one is noticed).
 KNOWN = [
     "book.analytics_completed", "book.analytics_v2.generated", "book.classified",
@@ -171,7 +171,7 @@ def main(argv: list[str]) -> int:
 
     # Routing keys and maps.
     keys = doc.get("x-ocrolus-routing-keys")
-    c.check(keys == KNOWN, "x-ocrolus-routing-keys is the 27 known names in DESIGN.md order", repr(keys))
+    c.check(keys == KNOWN, "x-ocrolus-routing-keys is the 27 known names in the documented order", repr(keys))
     c.check(len(set(KNOWN)) == 27, "27 distinct known names")
     c.check(doc.get("x-ocrolus-account-level-map") == ACCOUNT_LEVEL, "x-ocrolus-account-level-map")
     c.check(doc.get("x-ocrolus-legacy-status-map") == LEGACY, "x-ocrolus-legacy-status-map")
@@ -267,7 +267,7 @@ def main(argv: list[str]) -> int:
         c.check(not errs, f"{f}: example headers validate against RelayHeaders",
                 "; ".join(e.message for e in errs[:3]))
 
-    # The rules on synthetic bodies (DESIGN.md, "Events and routing"), and
+    # The rules on synthetic bodies (docs/subscribers.md, "Routing keys"), and
     # that each body validates against the payload of the message it lands in.
     cases = [
         ({"event_name": "document.upload_succeeded"}, "document.upload_succeeded"),

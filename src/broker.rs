@@ -403,7 +403,8 @@ pub async fn declare_topology(channel: &Channel, config: &BrokerConfig) -> lapin
         .await
 }
 
-/// The AMQP properties and headers of DESIGN.md "The AMQP message".
+/// The AMQP properties and headers every message carries (docs/subscribers.md,
+/// "The message").
 pub fn properties(envelope: &Envelope) -> BasicProperties {
     let mut headers = FieldTable::default();
     let mut put = |name: &str, value: &str| {

@@ -1,4 +1,4 @@
-//! Issue 4, edge hardening: adversarial clients over real connections.
+//! Edge hardening: adversarial clients over real connections.
 //! Spoofed forwarding headers, oversized and slow requests, connection
 //! floods, bursts over the rate limits, Basic auth, TLS (HTTP/1.1 and h2),
 //! reloads while requests are in flight, PROXY protocol, and error bodies

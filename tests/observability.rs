@@ -1,4 +1,4 @@
-//! Issue 6: what operators see. Metrics move by exactly what happened and
+//! What operators see. Metrics move by exactly what happened and
 //! never carry client addresses or delivery ids; the dashboard and alert
 //! rules only name metrics the relay exports; the admin endpoints answer;
 //! `tail` prints what consumers receive; `check-config` accepts a good

@@ -1,4 +1,4 @@
-//! Issue 3: a signed Ocrolus delivery becomes exactly one confirmed message
+//! A signed Ocrolus delivery becomes exactly one confirmed message
 //! with the exact bytes, routing key, properties and headers; everything
 //! else is rejected with its status and nothing is published.
 

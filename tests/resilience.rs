@@ -1,4 +1,4 @@
-//! Issue 5, "never lose an event": across broker cuts, stalls, long outages,
+//! Never lose an event: across broker cuts, stalls, long outages,
 //! `kill -9`, SIGTERM, a full spool and a failing disk, the number of events
 //! answered 200 but never delivered is zero. Every test prints its counts
 //! (`cargo test --test resilience -- --nocapture`) and asserts them.

@@ -1,4 +1,4 @@
-//! Issue 8: what subscribers rely on. The AsyncAPI document agrees with the
+//! What subscribers rely on. The AsyncAPI document agrees with the
 //! relay's own tables, every documented example payload routes where the
 //! manifest says, and both example consumers (Rust and Python) receive
 //! events published through a real relay, once each.

@@ -1,5 +1,5 @@
 //! `relay-bench`: load generator for ocrolus-relay and its direct-publish
-//! baseline (issue 7). Not part of the relay; `bench/run.sh` drives it.
+//! baseline. Not part of the relay; `bench/run.sh` drives it.
 //!
 //! * `relay`    — pre-signed, realistic deliveries over keep-alive HTTP/1.1
 //!   connections (one per worker), closed loop (`--concurrency`) or open loop
@@ -745,7 +745,7 @@ async fn amqp_connect(url: &str) -> anyhow::Result<Connection> {
         .context("connecting to RabbitMQ")
 }
 
-/// The relay's message properties (DESIGN.md "The AMQP message"), built
+/// The relay's message properties (docs/subscribers.md, "The message"), built
 /// per message like the relay does.
 fn properties(id: &str, routing_key: &str, timestamp: &str) -> BasicProperties {
     let now_ms = ocrolus_relay::now_ms();
