@@ -1,12 +1,15 @@
 //! The admin listener (separate port, loopback by default): `/metrics`,
-//! `/livez`, `/readyz`. Nothing of it is reachable on the public port.
+//! `/livez`, `/readyz`, and for `ocrolus rotate-secret`: `POST /reload`
+//! (same as SIGHUP, but answers whether it worked) and `GET /secrets` (per
+//! source, the count and fingerprints of the loaded secrets, never their
+//! values). Nothing of it is reachable on the public port.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -49,6 +52,24 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
 
 fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
+        "/reload" if req.method() == Method::POST => match state.reload() {
+            Ok(()) => json(
+                StatusCode::OK,
+                serde_json::json!({ "status": "reloaded", "sources": state.secrets_status() }),
+            ),
+            Err(e) => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({ "status": "failed", "error": e.to_string() }),
+            ),
+        },
+        "/reload" => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({ "error": "use POST" }),
+        ),
+        "/secrets" => json(
+            StatusCode::OK,
+            serde_json::json!({ "sources": state.secrets_status() }),
+        ),
         "/metrics" => {
             // The one gauge that is computed, not counted.
             state
@@ -86,6 +107,10 @@ fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             br#"{"error":"not_found"}"#.to_vec(),
         ),
     }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    respond(status, "application/json", body.to_string().into_bytes())
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {

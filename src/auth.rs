@@ -81,6 +81,22 @@ impl Secrets {
     pub fn len(&self) -> usize {
         self.0.len()
     }
+
+    /// [`fingerprint`] of each secret, in file order.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.0.iter().map(|s| fingerprint(&s.0)).collect()
+    }
+}
+
+/// A short, one-way tag of a secret: lets `rotate-secret` and operators see
+/// which secrets a running relay holds without the admin port ever showing
+/// one. 48 bits of a domain-separated SHA-256: enough to tell secrets apart,
+/// useless for recovering a 16+ character random secret.
+pub fn fingerprint(secret: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"ocrolus-relay secret fingerprint\0");
+    hasher.update(secret);
+    hex::encode(&hasher.finalize()[..6])
 }
 
 /// Accepted Basic credentials, kept only as SHA-256 of `user:password`.
@@ -170,6 +186,10 @@ impl AuthPolicy {
 
     pub fn basic_credentials(&self) -> usize {
         self.basic.len()
+    }
+
+    pub fn secret_fingerprints(&self) -> Vec<String> {
+        self.secrets.fingerprints()
     }
 
     /// Step 8. `now` is Unix seconds.

@@ -1,4 +1,5 @@
-//! The command line: `serve`, `check-config`, `send-test`, `tail`, `spool`.
+//! The command line: `serve`, `check-config`, `send-test`, `tail`, `spool`,
+//! `ocrolus`.
 //! Configuration errors print one precise line and exit 64 (EX_USAGE).
 
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ pub enum Command {
     Tail(cmd::tail::TailArgs),
     /// Inspect or replay the spool (while the relay is stopped).
     Spool(cmd::spool::SpoolArgs),
+    /// Manage the Ocrolus side: webhooks, tests, secret rotation.
+    Ocrolus(cmd::ocrolus::OcrolusArgs),
 }
 
 const EX_USAGE: u8 = 64;
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 .map_err(runtime_error),
             Command::Tail(args) => cmd::tail::run(args).await.map_err(runtime_error),
             Command::Spool(args) => cmd::spool::run(args).await.map_err(runtime_error),
+            Command::Ocrolus(args) => cmd::ocrolus::run(args).await.map_err(runtime_error),
         }
     });
     match result {

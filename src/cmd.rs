@@ -1,6 +1,8 @@
 //! Subcommand implementations.
 
 pub mod check_config;
+pub mod ocrolus;
+pub mod rotate_secret;
 pub mod send_test;
 pub mod serve;
 pub mod spool;

@@ -17,6 +17,9 @@ use crate::event::EventTable;
 /// `send-test --dev`. Only ever accepted on a loopback-only listener.
 pub const DEV_SECRET: &str = "ocrolus-relay-development-secret";
 
+/// The name of the one source the single-source flags describe.
+pub const DEFAULT_SOURCE: &str = "default";
+
 /// Where `--dev` listens: loopback only, plaintext.
 pub const DEV_LISTEN: &str = "127.0.0.1:8080";
 
@@ -163,7 +166,7 @@ pub struct BrokerArgs {
     pub exchange: String,
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| format!("'{s}' is not a number of seconds"))?;

@@ -9,7 +9,8 @@
 //! (routing key) → `dedup` → `outbox` (`broker` confirm, else the
 //! spool); `reject` answers every failure. Around it: `config`,
 //! `tls`, `proxy_protocol`, `metrics`, `admin`, `state`, `app`
-//! (wiring) and `signals`.
+//! (wiring) and `signals`. `ocrolus` is the client of Ocrolus' webhook API
+//! behind `ocrolus-relay ocrolus …`.
 //!
 //! Every module is private to the crate; the `pub use` lines below are the
 //! whole surface, for the binary, the integration tests, the benchmark and
@@ -29,6 +30,7 @@ mod dedup;
 mod event;
 mod limits;
 mod metrics;
+mod ocrolus;
 mod outbox;
 mod pipeline;
 mod proxy_protocol;
@@ -45,7 +47,8 @@ pub use config::{BrokerConfig, Config};
 pub use state::AppState;
 
 // What a delivery and a message look like, for tests, the benchmark and fuzzing.
-pub use auth::{AuthPolicy, BasicCredentials, Secrets, sign};
+pub use auth::{AuthPolicy, BasicCredentials, Secrets, fingerprint, sign};
+pub use ocrolus::{Client as OcrolusClient, ClientConfig as OcrolusClientConfig, ClientSecret as OcrolusClientSecret};
 pub use broker::{declare_topology, properties, rfc3339_millis};
 pub use client::{NetPolicy, NetReject};
 pub use cmd::send_test::{sample_body, tls_connector};

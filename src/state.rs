@@ -96,6 +96,18 @@ impl AppState {
         }
     }
 
+    /// What `GET /secrets` shows: per source, counts and fingerprints.
+    pub fn secrets_status(&self) -> serde_json::Value {
+        let policy = self.policy();
+        serde_json::json!([{
+            "name": crate::config::DEFAULT_SOURCE,
+            "path": self.config.webhook_path,
+            "hmac_secrets": policy.auth.hmac_secrets(),
+            "fingerprints": policy.auth.secret_fingerprints(),
+            "basic_credentials": policy.auth.basic_credentials(),
+        }])
+    }
+
     /// `/readyz`: can an event be made safe right now? A pure read; the
     /// `ready` gauge is set from it when metrics are scraped.
     pub fn readiness(&self) -> Result<(), &'static str> {
