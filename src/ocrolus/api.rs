@@ -46,11 +46,10 @@ impl fmt::Debug for TokenResponse {
     }
 }
 
-/// Every API answer: `SuccessStructure` / `ErrorStructure` around a `response`.
+/// Every API answer: `SuccessStructure` (`status`, `message`) around a
+/// `response`; only the `response` matters once the HTTP status said 2xx.
 #[derive(Debug, Deserialize)]
 pub struct Envelope<T> {
-    pub status: Option<serde_json::Value>,
-    pub message: Option<String>,
     pub response: Option<T>,
 }
 
