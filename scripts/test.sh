@@ -23,6 +23,8 @@ else
 fi
 
 echo "== cargo test"
+# Every broker test runs here: a missing broker fails instead of skipping.
+export RELAY_TEST_REQUIRE_BROKER=1
 # tests/subscribers.rs runs the example consumer's binary: build it first
 # (cargo test compiles examples, but not to their plain path).
 cargo build --examples --locked

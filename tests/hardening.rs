@@ -8,9 +8,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -18,15 +16,13 @@ use bytes::Bytes;
 use common::*;
 use futures_util::future::join_all;
 use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lapin::types::AMQPValue;
 use rustls::ProtocolVersion;
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
 const BODY: &[u8] = br#"{"event_name":"book.verified","book_pk":1}"#;
 
@@ -91,103 +87,11 @@ async fn assert_nothing_published(broker: &TestBroker, queue: &str) {
     assert!(got.is_empty(), "{} unexpected message(s)", got.len());
 }
 
-/// The head of a raw HTTP/1.1 POST to the webhook path.
-fn raw_head(addr: SocketAddr, headers: &[(String, String)]) -> String {
-    let mut head = format!("POST /webhooks/ocrolus HTTP/1.1\r\nhost: {addr}\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    head
-}
-
-/// What a raw client saw: the status line's code (if any answer came), the
-/// whole text, and whether the server closed the connection.
-struct Raw {
-    status: Option<u16>,
-    text: String,
-    closed: bool,
-    elapsed: Duration,
-}
-
-/// Reads one HTTP/1.1 answer (complete by Content-Length) or until the
-/// server closes, at most `within`.
-async fn read_response<R: AsyncRead + Unpin>(reader: &mut R, within: Duration) -> Raw {
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + within;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut closed = false;
-    while !response_complete(&buf) {
-        match tokio::time::timeout_at(deadline, reader.read(&mut chunk)).await {
-            Err(_) => break,
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                closed = true;
-                break;
-            }
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok());
-    Raw {
-        status,
-        text,
-        closed,
-        elapsed: started.elapsed(),
-    }
-}
-
-fn response_complete(buf: &[u8]) -> bool {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-    let len = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    buf.len() >= end + 4 + len
-}
-
-/// Reads and discards until the server closes; the time it took, or `None`
-/// if it stayed open for `within`.
-async fn closed_within<R: AsyncRead + Unpin>(reader: &mut R, within: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    let mut chunk = [0u8; 1024];
-    let result = tokio::time::timeout(within, async {
-        loop {
-            match reader.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    result.ok().map(|()| started.elapsed())
-}
-
-/// Writes `bytes` one at a time with `pause` between them until done or the
-/// server closes: a slowloris client.
-async fn trickle<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8], pause: Duration) {
-    for byte in bytes {
-        if writer.write_all(std::slice::from_ref(byte)).await.is_err()
-            || writer.flush().await.is_err()
-        {
-            return;
-        }
-        tokio::time::sleep(pause).await;
-    }
-}
-
 // ---------------------------------------------------------------- X-Forwarded-For
 
 #[tokio::test]
 async fn spoofed_forwarded_for_from_untrusted_peer_is_ignored() {
+    require_broker!();
     let relay = TestRelay::start(opts(&["203.0.113.7/32"], &[], &[])).await;
     let (broker, queue) = relay.watch_all().await;
     for xff in [
@@ -219,6 +123,7 @@ async fn spoofed_forwarded_for_from_untrusted_peer_is_ignored() {
 
 #[tokio::test]
 async fn forwarded_for_from_trusted_proxy_is_walked_right_to_left() {
+    require_broker!();
     let relay = TestRelay::start(opts(&["203.0.113.7/32"], &["127.0.0.1/32"], &[])).await;
     let (broker, queue) = relay.watch_all().await;
     let cases: &[(&[&str], u16, &str)] = &[
@@ -312,6 +217,7 @@ fn bucket_bound(burst: usize, rate: usize, elapsed: Duration) -> usize {
 
 #[tokio::test]
 async fn per_ip_rate_limit_keys_on_the_resolved_client() {
+    require_broker!();
     // Untrusted peer: every request names another client in X-Forwarded-For,
     // but all of them draw from the one bucket of the TCP peer. The requests
     // carry a wrong signature: admitted ones get 401, refused ones 429.
@@ -364,6 +270,7 @@ async fn per_ip_rate_limit_keys_on_the_resolved_client() {
 
 #[tokio::test]
 async fn oversized_declared_length_is_refused_without_reading_the_body() {
+    require_broker!();
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--max-body", "1024"])).await;
     let (broker, queue) = relay.watch_all().await;
     let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
@@ -393,6 +300,7 @@ async fn oversized_declared_length_is_refused_without_reading_the_body() {
 
 #[tokio::test]
 async fn oversized_chunked_body_is_refused() {
+    require_broker!();
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--max-body", "1024"])).await;
     let (broker, queue) = relay.watch_all().await;
     // A well-formed, correctly signed JSON body that is simply too long.
@@ -444,6 +352,7 @@ async fn oversized_chunked_body_is_refused() {
 
 #[tokio::test]
 async fn slow_headers_are_cut_off_while_others_are_served() {
+    require_broker!();
     let header_timeout = Duration::from_secs(1);
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--header-timeout", "1"])).await;
     let (broker, queue) = relay.watch_all().await;
@@ -492,6 +401,7 @@ async fn slow_headers_are_cut_off_while_others_are_served() {
 
 #[tokio::test]
 async fn whole_request_deadline_bounds_a_request_whatever_it_waits_for() {
+    require_broker!();
     // The body timeout is generous, the request deadline is not: a body that
     // trickles in is cut at the deadline with 503 "timeout".
     let deadline = Duration::from_secs(3);
@@ -538,6 +448,7 @@ async fn whole_request_deadline_bounds_a_request_whatever_it_waits_for() {
 
 #[tokio::test]
 async fn slow_body_gets_408_while_others_are_served() {
+    require_broker!();
     let body_timeout = Duration::from_secs(1);
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--body-timeout", "1"])).await;
     let (broker, queue) = relay.watch_all().await;
@@ -589,6 +500,7 @@ async fn slow_body_gets_408_while_others_are_served() {
 
 #[tokio::test]
 async fn connection_flood_beyond_the_limit_is_closed_at_once() {
+    require_broker!();
     // A long header timeout, so that the held connections stay open.
     let extra = ["--max-connections", "5", "--header-timeout", "60"];
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &extra)).await;
@@ -690,6 +602,7 @@ fn assert_429s_say_when(answers: &[Answer]) {
 
 #[tokio::test]
 async fn burst_over_the_per_ip_limit_gets_429_and_publishes_exactly_the_200s() {
+    require_broker!();
     let extra = ["--rate-limit-per-ip", "2", "--rate-limit-burst", "2"];
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &extra)).await;
     let (broker, queue) = relay.watch_all().await;
@@ -715,6 +628,7 @@ async fn burst_over_the_per_ip_limit_gets_429_and_publishes_exactly_the_200s() {
 
 #[tokio::test]
 async fn global_rate_limit_applies_across_clients() {
+    require_broker!();
     // Distinct clients behind a trusted proxy, so no per-client bucket runs dry.
     let extra = [
         "--rate-limit-per-ip",
@@ -749,6 +663,7 @@ async fn global_rate_limit_applies_across_clients() {
 
 #[tokio::test]
 async fn requests_beyond_max_in_flight_get_503() {
+    require_broker!();
     // One slot, held by a delivery whose body is only half sent.
     let extra = ["--max-in-flight", "1", "--body-timeout", "60"];
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &extra)).await;
@@ -800,6 +715,7 @@ fn basic_file(dir: &Path) -> String {
 
 #[tokio::test]
 async fn basic_auth_alone_accepts_listed_credentials_only() {
+    require_broker!();
     let dir = tempfile::tempdir().expect("tempdir");
     let relay = TestRelay::start(RelayOptions {
         secrets: vec![],
@@ -854,6 +770,7 @@ async fn basic_auth_alone_accepts_listed_credentials_only() {
 
 #[tokio::test]
 async fn hmac_and_basic_together_are_both_required() {
+    require_broker!();
     let dir = tempfile::tempdir().expect("tempdir");
     let relay = TestRelay::start(RelayOptions {
         extra: vec!["--basic-auth-file".into(), basic_file(dir.path())],
@@ -909,6 +826,7 @@ async fn hmac_and_basic_together_are_both_required() {
 
 #[tokio::test]
 async fn error_bodies_never_echo_credentials() {
+    require_broker!();
     let dir = tempfile::tempdir().expect("tempdir");
     let relay = TestRelay::start(RelayOptions {
         extra: vec!["--basic-auth-file".into(), basic_file(dir.path())],
@@ -942,127 +860,12 @@ async fn error_bodies_never_echo_credentials() {
 
 // ---------------------------------------------------------------- TLS
 
-/// Writes a fresh self-signed certificate for `localhost` to `cert.pem` and
-/// `key.pem` in `dir` (replacing earlier ones) and returns it.
-fn write_cert(dir: &Path) -> CertificateDer<'static> {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
-    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).expect("write key");
-    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).expect("write cert");
-    certified.cert.der().clone()
-}
-
-fn tls_relay_options(dir: &Path, extra: &[&str]) -> RelayOptions {
-    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    extra.extend([
-        "--tls-cert".into(),
-        dir.join("cert.pem").display().to_string(),
-        "--tls-key".into(),
-        dir.join("key.pem").display().to_string(),
-    ]);
-    RelayOptions {
-        extra,
-        ..RelayOptions::default()
-    }
-}
-
-/// A TLS client trusting only `roots`, offering `alpn`, limited to
-/// `versions` (rustls cannot even speak TLS 1.1 or older).
-fn connector(
-    roots: &[CertificateDer<'static>],
-    alpn: &[&[u8]],
-    versions: &[&'static rustls::SupportedProtocolVersion],
-) -> TlsConnector {
-    let mut store = rustls::RootCertStore::empty();
-    for root in roots {
-        store.add(root.clone()).expect("root certificate");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
-        .expect("protocol versions")
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    TlsConnector::from(Arc::new(config))
-}
-
-async fn tls_connect(addr: SocketAddr, connector: &TlsConnector) -> TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("localhost").expect("server name");
-    connector.connect(name, tcp).await.expect("TLS handshake")
-}
-
-/// What the client learned from the handshake.
-struct Negotiated {
-    version: Option<ProtocolVersion>,
-    alpn: Option<Vec<u8>>,
-    leaf: Option<CertificateDer<'static>>,
-}
-
-fn negotiated(stream: &TlsStream<TcpStream>) -> Negotiated {
-    let conn = stream.get_ref().1;
-    Negotiated {
-        version: conn.protocol_version(),
-        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
-        leaf: conn
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(|c| c.clone().into_owned()),
-    }
-}
-
-/// One POST over a TLS connection, HTTP/2 when ALPN chose it.
-async fn tls_post(
-    relay: &TestRelay,
-    connector: &TlsConnector,
-    headers: &[(String, String)],
-    body: &[u8],
-) -> (Answer, Negotiated) {
-    let stream = tls_connect(relay.addr, connector).await;
-    let info = negotiated(&stream);
-    let io = TokioIo::new(stream);
-    let uri = format!("https://localhost:{}/webhooks/ocrolus", relay.addr.port());
-    let mut builder = Request::builder().method("POST").uri(uri);
-    for (k, v) in headers {
-        builder = builder.header(k.as_str(), v.as_str());
-    }
-    let req = builder
-        .body(Full::new(Bytes::copy_from_slice(body)))
-        .expect("request");
-    let response = if info.alpn.as_deref() == Some(b"h2") {
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-            .await
-            .expect("h2 handshake");
-        tokio::spawn(conn);
-        sender.send_request(req).await.expect("h2 response")
-    } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .expect("h1 handshake");
-        tokio::spawn(conn);
-        let mut req = req;
-        *req.uri_mut() = "/webhooks/ocrolus".parse().expect("path");
-        req.headers_mut()
-            .insert("host", http::HeaderValue::from_static("localhost"));
-        sender.send_request(req).await.expect("h1 response")
-    };
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    ((status, headers, body), info)
-}
-
 const TLS_BOTH: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 #[tokio::test]
 async fn tls_serves_http1_and_h2_and_refuses_plaintext() {
+    require_broker!();
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = write_cert(dir.path());
     let relay = TestRelay::start(tls_relay_options(dir.path(), &[])).await;
@@ -1137,6 +940,7 @@ async fn tls_serves_http1_and_h2_and_refuses_plaintext() {
 
 #[tokio::test]
 async fn reload_swaps_the_certificate_and_keeps_requests_in_flight() {
+    require_broker!();
     let dir = tempfile::tempdir().expect("tempdir");
     let old_cert = write_cert(dir.path());
     let relay = TestRelay::start(tls_relay_options(dir.path(), &["--body-timeout", "60"])).await;
@@ -1207,6 +1011,7 @@ async fn reload_swaps_the_certificate_and_keeps_requests_in_flight() {
 
 #[tokio::test]
 async fn reload_rejects_a_bad_allowlist_and_applies_a_good_one() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let allowlist = relay.dir.path().join("allowlist.yaml");
     let failures = r#"ocrolus_relay_config_reloads_total{result="failure"}"#;
@@ -1266,6 +1071,7 @@ async fn post_after(relay: &TestRelay, preamble: &[u8], id: &str) -> u16 {
 
 #[tokio::test]
 async fn proxy_protocol_names_the_client() {
+    require_broker!();
     let relay = TestRelay::start(opts(
         &["203.0.113.7/32"],
         &["127.0.0.1/32"],
@@ -1313,6 +1119,7 @@ async fn proxy_protocol_names_the_client() {
 
 #[tokio::test]
 async fn proxy_protocol_is_believed_only_from_trusted_proxies() {
+    require_broker!();
     // The peer (127.0.0.1) is not a trusted proxy: whatever its PROXY header
     // claims, the connection is closed and nothing is published.
     let relay = TestRelay::start(opts(&["203.0.113.7/32"], &[], &["--proxy-protocol"])).await;
@@ -1336,6 +1143,7 @@ async fn proxy_protocol_is_believed_only_from_trusted_proxies() {
 
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_header_timeout() {
+    require_broker!();
     let header_timeout = Duration::from_secs(1);
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--header-timeout", "1"])).await;
     let (broker, queue) = relay.watch_all().await;

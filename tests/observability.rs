@@ -62,6 +62,7 @@ fn exported(text: &str) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn metrics_move_by_exactly_what_happened() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions {
         extra: relaxed(),
         ..RelayOptions::default()
@@ -343,6 +344,7 @@ fn repo(path: &str) -> PathBuf {
 
 #[tokio::test]
 async fn dashboards_and_alerts_use_only_exported_metrics() {
+    require_broker!();
     // Vec metrics appear in a scrape only once a label set exists: exercise
     // every family. No alternate exchange, so an event nobody binds comes
     // back (publish failure "returned") and is spooled.
@@ -490,6 +492,7 @@ fn binary() -> tokio::process::Command {
 
 #[tokio::test]
 async fn tail_prints_what_consumers_receive() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let broker = TestBroker::connect().await;
     let mut tail = spawn_lines(binary().args([

@@ -127,6 +127,7 @@ async fn break_allowlist(relay: &TestRelay) -> Vec<u8> {
 
 #[tokio::test]
 async fn webhook_commands_follow_the_documented_api() {
+    require_broker!();
     let (relay, fake, existing) = setup().await;
     let dir = tempfile::tempdir().unwrap();
     let basic = dir.path().join("basic");
@@ -254,6 +255,7 @@ async fn webhook_commands_follow_the_documented_api() {
 
 #[tokio::test]
 async fn token_is_cached_refreshed_on_expiry_and_never_shown() {
+    require_broker!();
     let (relay, fake, _uuid) = setup().await;
     // One client, several calls: one token.
     let client = client_for(&fake);
@@ -307,6 +309,7 @@ fn client_for(fake: &FakeOcrolus) -> ocrolus_relay::OcrolusClient {
 
 #[tokio::test]
 async fn webhooks_test_sees_the_relay_publish_the_test_event() {
+    require_broker!();
     let (relay, fake, uuid) = setup().await;
     let broker = TestBroker::connect().await;
     let run = ocrolus(
@@ -392,6 +395,7 @@ impl Deliveries {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotate_secret_end_to_end_keeps_every_delivery_accepted() {
+    require_broker!();
     let (relay, fake, uuid) = setup().await;
     let (broker, queue) = relay.watch_all().await;
     let file = secret_file(&relay);
@@ -455,6 +459,7 @@ async fn rotate_secret_end_to_end_keeps_every_delivery_accepted() {
 
 #[tokio::test]
 async fn rotate_secret_failure_writing_the_file_changes_nothing() {
+    require_broker!();
     let (relay, fake, uuid) = setup().await;
     let file = secret_file(&relay);
     let before = std::fs::read(&file).unwrap();
@@ -476,6 +481,7 @@ async fn rotate_secret_failure_writing_the_file_changes_nothing() {
 
 #[tokio::test]
 async fn rotate_secret_failed_reload_rolls_back() {
+    require_broker!();
     let (relay, fake, uuid) = setup().await;
     let file = secret_file(&relay);
     let before = std::fs::read(&file).unwrap();
@@ -497,6 +503,7 @@ async fn rotate_secret_failed_reload_rolls_back() {
 
 #[tokio::test]
 async fn rotate_secret_unconfirmed_relay_rolls_back() {
+    require_broker!();
     let (relay, fake, uuid) = setup().await;
     // The operator points at a copy: same secrets, but not the file the
     // relay reads, so the relay never shows the new secret.
@@ -522,6 +529,7 @@ async fn rotate_secret_unconfirmed_relay_rolls_back() {
 
 #[tokio::test]
 async fn rotate_secret_refused_upload_rolls_back() {
+    require_broker!();
     let (relay, fake, uuid) = setup().await;
     fake.set_rotate_mode(RotateMode::Refuse);
     let run = rotate(&relay, &fake, &secret_file(&relay), &[]).await;
@@ -540,6 +548,7 @@ async fn rotate_secret_refused_upload_rolls_back() {
 
 #[tokio::test]
 async fn rotate_secret_unconfirmed_upload_keeps_both_secrets() {
+    require_broker!();
     let (relay, fake, uuid) = setup().await;
     fake.set_rotate_mode(RotateMode::ApplyThen503);
     let run = rotate(&relay, &fake, &secret_file(&relay), &[]).await;
@@ -559,6 +568,7 @@ async fn rotate_secret_unconfirmed_upload_keeps_both_secrets() {
 
 #[tokio::test]
 async fn rotate_secret_failed_finish_keeps_both_then_finish_completes() {
+    require_broker!();
     let (relay, fake, uuid) = setup().await;
     let file = secret_file(&relay);
     let run = rotate(&relay, &fake, &file, &["--defer-finish"]).await;

@@ -21,6 +21,7 @@ fn header(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
 
 #[tokio::test]
 async fn every_known_event_is_published_once_with_exact_bytes() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let (broker, queue) = relay.watch_all().await;
 
@@ -71,6 +72,7 @@ async fn every_known_event_is_published_once_with_exact_bytes() {
 
 #[tokio::test]
 async fn account_level_and_legacy_forms_route_to_org_names() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let (broker, queue) = relay.watch_all().await;
     let cases = [
@@ -138,6 +140,7 @@ async fn account_level_and_legacy_forms_route_to_org_names() {
 
 #[tokio::test]
 async fn second_secret_is_accepted_wrong_ones_are_not() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let (broker, queue) = relay.watch_all().await;
     let body = br#"{"event_name":"book.verified"}"#;
@@ -243,6 +246,7 @@ fn replace(headers: Headers, name: &str, value: &str) -> Headers {
 
 #[tokio::test]
 async fn bad_requests_get_their_status_and_publish_nothing() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let (broker, queue) = relay.watch_all().await;
     for (body, expect) in [
@@ -285,6 +289,7 @@ async fn bad_requests_get_their_status_and_publish_nothing() {
 
 #[tokio::test]
 async fn address_outside_the_allowlist_is_forbidden() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions {
         allow: vec!["203.0.113.7/32".into()],
         ..RelayOptions::default()
@@ -321,6 +326,7 @@ async fn address_outside_the_allowlist_is_forbidden() {
 
 #[tokio::test]
 async fn unroutable_event_without_alternate_exchange_is_not_200() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions {
         extra: vec![
             "--alternate-exchange".into(),
@@ -349,6 +355,7 @@ async fn unroutable_event_without_alternate_exchange_is_not_200() {
 
 #[tokio::test]
 async fn unbound_event_lands_in_the_alternate_queue() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let broker = TestBroker::connect().await;
     let body = br#"{"event_name":"plaid.upload_succeeded"}"#;

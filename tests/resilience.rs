@@ -277,6 +277,7 @@ async fn readyz(admin: SocketAddr) -> Option<(u16, serde_json::Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_cut_under_load_loses_nothing() {
+    require_broker!();
     const EVENTS: usize = 1000;
     const SENDERS: usize = 32;
     let proxy = Arc::new(FaultProxy::start("127.0.0.1:5672").await);
@@ -368,6 +369,7 @@ async fn broker_cut_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_stall_answers_from_the_spool_then_delivers() {
+    require_broker!();
     const BEFORE: usize = 5;
     const DURING: usize = 40;
     let proxy = FaultProxy::start("127.0.0.1:5672").await;
@@ -449,6 +451,7 @@ async fn broker_stall_answers_from_the_spool_then_delivers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn long_outage_delivers_everything_in_arrival_order() {
+    require_broker!();
     const EVENTS: usize = 50;
     let proxy = FaultProxy::start("127.0.0.1:5672").await;
     let relay = TestRelay::start(RelayOptions {
@@ -713,6 +716,7 @@ impl BinaryRelay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_dash_nine_with_a_full_spool_then_restart_delivers_all() {
+    require_broker!();
     const EVENTS: usize = 60;
     let files = BinaryRelay::new();
     let broker = TestBroker::connect().await;
@@ -774,6 +778,7 @@ async fn kill_dash_nine_with_a_full_spool_then_restart_delivers_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_spool_answers_503_never_200() {
+    require_broker!();
     const ROOM: usize = 5;
     const EVENTS: usize = 12;
     let proxy = FaultProxy::start("127.0.0.1:5672").await;
@@ -881,6 +886,7 @@ impl Drop for TinyDisk {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn disk_write_failure_answers_503_never_200() {
+    require_broker!();
     let Some(disk) = TinyDisk::mount("4m") else {
         eprintln!("disk failure: SKIPPED (cannot mount a tmpfs here; needs root)");
         return;
@@ -970,6 +976,7 @@ async fn disk_write_failure_answers_503_never_200() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicate_delivery_ids_publish_once() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions {
         extra: unthrottled(),
         ..RelayOptions::default()
@@ -1027,6 +1034,7 @@ async fn duplicate_delivery_ids_publish_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_delivery_does_not_block_a_retry_with_the_same_id() {
+    require_broker!();
     let proxy = FaultProxy::start("127.0.0.1:5672").await;
     let relay = TestRelay::start(RelayOptions {
         amqp_url: proxy.url(),
@@ -1066,6 +1074,7 @@ async fn failed_delivery_does_not_block_a_retry_with_the_same_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_loses_nothing_and_exits_in_time() {
+    require_broker!();
     const GRACE: f64 = 2.0;
     const DEADLINE: f64 = 5.0;
     const SENDERS: usize = 16;
@@ -1180,6 +1189,7 @@ async fn sigterm_under_load_loses_nothing_and_exits_in_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_lets_requests_in_flight_complete() {
+    require_broker!();
     const IN_FLIGHT: usize = 20;
     let spool = tempfile::tempdir().expect("spool dir");
     let proxy = FaultProxy::start("127.0.0.1:5672").await;
@@ -1264,6 +1274,7 @@ async fn shutdown_lets_requests_in_flight_complete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readyz_reflects_broker_spool_and_draining() {
+    require_broker!();
     const ROOM: usize = 3;
     let proxy = FaultProxy::start("127.0.0.1:5672").await;
     let room = ROOM.to_string();

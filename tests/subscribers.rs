@@ -215,6 +215,7 @@ fn parse_lines(lines: &[String]) -> Vec<(String, String, String, Value)> {
 
 #[tokio::test]
 async fn rust_example_consumer_receives_each_event_once() {
+    require_broker!();
     let consumer_bin = rust_consumer();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let broker = TestBroker::connect().await;
@@ -341,6 +342,7 @@ async fn python_with_pika() -> Option<()> {
 
 #[tokio::test]
 async fn python_example_consumer_receives_the_event() {
+    require_broker!();
     if python_with_pika().await.is_none() {
         return;
     }
