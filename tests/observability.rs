@@ -60,82 +60,113 @@ fn exported(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn metrics_move_by_exactly_what_happened() {
-    require_broker!();
-    let relay = TestRelay::start(RelayOptions {
+/// A relay whose rate limits sequential test requests never meet.
+async fn relaxed_relay() -> TestRelay {
+    TestRelay::start(RelayOptions {
         extra: relaxed(),
         ..RelayOptions::default()
     })
-    .await;
-    // A second relay whose allowlist excludes 127.0.0.1: every request is forbidden.
-    let closed = TestRelay::start(RelayOptions {
-        allow: vec!["10.0.0.0/8".into()],
-        extra: relaxed(),
-        ..RelayOptions::default()
-    })
-    .await;
-    let (broker, queue) = relay.watch_all().await;
-    let before = relay.metrics().await;
-    let closed_before = closed.metrics().await;
+    .await
+}
 
-    let verified = br#"{"event_name":"book.verified","book_uuid":"b-1"}"#;
-    let unknown = br#"{"event_name":"book.not_yet_invented"}"#;
+const VERIFIED: &[u8] = br#"{"event_name":"book.verified","book_uuid":"b-1"}"#;
+const UNKNOWN: &[u8] = br#"{"event_name":"book.not_yet_invented"}"#;
+
+/// One request of each kind: three published (two `book.verified`, one
+/// event nobody has named yet), a duplicate, and one each answered 401,
+/// 400, 404, 405 and 413. Returns every delivery id sent.
+async fn mixed_traffic(relay: &TestRelay) -> Vec<String> {
     let (id1, id2, id3) = (new_id(), new_id(), new_id());
-    let mut sent_ids = vec![id1.clone(), id2.clone(), id3.clone()];
-
-    // published ×3 (two book.verified, one unknown event → label "other")
-    for (id, body) in [(&id1, &verified[..]), (&id2, verified), (&id3, unknown)] {
-        let (status, _, answer) = post_signed(&relay, id, body).await;
+    for (id, body) in [(&id1, VERIFIED), (&id2, VERIFIED), (&id3, UNKNOWN)] {
+        let (status, _, answer) = post_signed(relay, id, body).await;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
     }
-    // duplicate ×1
-    let (status, _, answer) = post_signed(&relay, &id1, verified).await;
+    let (status, _, answer) = post_signed(relay, &id1, VERIFIED).await;
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&answer).contains("duplicate"));
-    // unauthorized ×1 (bad_signature)
+
     let bad_id = new_id();
-    sent_ids.push(bad_id.clone());
     let headers = signed_headers(
         "not-the-configured-secret-000",
         &bad_id,
         now_secs(),
-        verified,
+        VERIFIED,
     );
-    let (status, _, _) = request("POST", &relay.url, &headers, Bytes::from_static(verified)).await;
+    let (status, _, _) = request("POST", &relay.url, &headers, Bytes::from_static(VERIFIED)).await;
     assert_eq!(status, 401);
-    // bad_request ×1 (invalid_json)
+
     let json_id = new_id();
-    sent_ids.push(json_id.clone());
-    let (status, _, _) = post_signed(&relay, &json_id, b"{not json").await;
+    let (status, _, _) = post_signed(relay, &json_id, b"{not json").await;
     assert_eq!(status, 400);
-    // not_found ×1
+
     let other_url = relay.url.replace("/webhooks/ocrolus", "/webhooks/other");
     let nf_id = new_id();
-    sent_ids.push(nf_id.clone());
-    let headers = signed_headers(SECRET, &nf_id, now_secs(), verified);
-    let (status, _, _) = request("POST", &other_url, &headers, Bytes::from_static(verified)).await;
+    let headers = signed_headers(SECRET, &nf_id, now_secs(), VERIFIED);
+    let (status, _, _) = request("POST", &other_url, &headers, Bytes::from_static(VERIFIED)).await;
     assert_eq!(status, 404);
-    // method_not_allowed ×1
+
     let (status, _, _) = get(&relay.url).await;
     assert_eq!(status, 405);
-    // payload_too_large ×1 (declared Content-Length over --max-body)
+
+    // Declared Content-Length over --max-body.
     let big = vec![b' '; 5000];
     let big_id = new_id();
-    sent_ids.push(big_id.clone());
     let headers = signed_headers(SECRET, &big_id, now_secs(), &big);
     let (status, _, _) = request("POST", &relay.url, &headers, Bytes::from(big)).await;
     assert_eq!(status, 413);
-    // forbidden ×1, on the second relay
-    let fb_id = new_id();
-    sent_ids.push(fb_id.clone());
-    let headers = signed_headers(SECRET, &fb_id, now_secs(), verified);
-    let (status, _, _) = request("POST", &closed.url, &headers, Bytes::from_static(verified)).await;
-    assert_eq!(status, 403);
 
-    let after = relay.metrics().await;
-    let closed_after = closed.metrics().await;
-    let delta = |series: &str| metric_value(&after, series) - metric_value(&before, series);
+    vec![id1, id2, id3, bad_id, json_id, nf_id, big_id]
+}
+
+/// Two scrapes around something that happened.
+struct Scrapes {
+    before: String,
+    after: String,
+}
+
+impl Scrapes {
+    async fn around<F: Future>(relay: &TestRelay, happen: F) -> (Self, F::Output) {
+        let before = relay.metrics().await;
+        let output = happen.await;
+        let after = relay.metrics().await;
+        (Self { before, after }, output)
+    }
+
+    fn delta(&self, series: &str) -> f64 {
+        metric_value(&self.after, series) - metric_value(&self.before, series)
+    }
+
+    /// How much all series of metric `name` together moved.
+    fn total_delta(&self, name: &str) -> f64 {
+        total(&self.after, name) - total(&self.before, name)
+    }
+}
+
+/// No client address or delivery id ever becomes a label value.
+fn assert_no_identifying_labels(scrape: &str, ids: &[String]) {
+    for (series, _) in samples(scrape) {
+        let Some((_, labels)) = series.split_once('{') else {
+            continue;
+        };
+        assert!(
+            !labels.contains("127.0.0.1"),
+            "client IP in a label: {series}"
+        );
+        for id in ids {
+            assert!(
+                !labels.contains(id.as_str()),
+                "delivery id in a label: {series}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_request_counts_once_under_its_outcome() {
+    require_broker!();
+    let relay = relaxed_relay().await;
+    let broker = TestBroker::connect().await;
+    let (scrapes, _) = Scrapes::around(&relay, mixed_traffic(&relay)).await;
 
     let outcomes = [
         ("published", 3.0),
@@ -152,24 +183,31 @@ async fn metrics_move_by_exactly_what_happened() {
     ];
     for (outcome, n) in outcomes {
         let series = format!(r#"ocrolus_relay_requests_total{{outcome="{outcome}"}}"#);
-        assert_eq!(delta(&series), n, "{series}\n{after}");
+        assert_eq!(scrapes.delta(&series), n, "{series}\n{}", scrapes.after);
         let count =
             format!(r#"ocrolus_relay_request_duration_seconds_count{{outcome="{outcome}"}}"#);
-        assert_eq!(delta(&count), n, "{count}");
+        assert_eq!(scrapes.delta(&count), n, "{count}");
     }
     let requests = 9.0;
     assert_eq!(
-        total(&after, "ocrolus_relay_requests_total")
-            - total(&before, "ocrolus_relay_requests_total"),
+        scrapes.total_delta("ocrolus_relay_requests_total"),
         requests,
         "no other outcome moved"
     );
     assert_eq!(
-        total(&after, "ocrolus_relay_request_duration_seconds_count")
-            - total(&before, "ocrolus_relay_request_duration_seconds_count"),
+        scrapes.total_delta("ocrolus_relay_request_duration_seconds_count"),
         requests,
         "one latency observation per request"
     );
+    relay.finish(&broker, &[]).await;
+}
+
+#[tokio::test]
+async fn each_rejection_counts_once_under_its_reason() {
+    require_broker!();
+    let relay = relaxed_relay().await;
+    let broker = TestBroker::connect().await;
+    let (scrapes, _) = Scrapes::around(&relay, mixed_traffic(&relay)).await;
 
     let reasons = [
         ("bad_signature", 1.0),
@@ -181,79 +219,115 @@ async fn metrics_move_by_exactly_what_happened() {
     ];
     for (reason, n) in reasons {
         let series = format!(r#"ocrolus_relay_rejections_total{{reason="{reason}"}}"#);
-        assert_eq!(delta(&series), n, "{series}");
+        assert_eq!(scrapes.delta(&series), n, "{series}");
     }
     assert_eq!(
-        total(&after, "ocrolus_relay_rejections_total")
-            - total(&before, "ocrolus_relay_rejections_total"),
+        scrapes.total_delta("ocrolus_relay_rejections_total"),
         5.0,
         "published and duplicate are not rejections"
     );
+    relay.finish(&broker, &[]).await;
+}
+
+#[tokio::test]
+async fn published_events_count_by_known_name_or_other() {
+    require_broker!();
+    let relay = relaxed_relay().await;
+    let (broker, queue) = relay.watch_all().await;
+    let (scrapes, _) = Scrapes::around(&relay, mixed_traffic(&relay)).await;
 
     assert_eq!(
-        delta(r#"ocrolus_relay_events_published_total{event="book.verified"}"#),
+        scrapes.delta(r#"ocrolus_relay_events_published_total{event="book.verified"}"#),
         2.0
     );
     assert_eq!(
-        delta(r#"ocrolus_relay_events_published_total{event="other"}"#),
+        scrapes.delta(r#"ocrolus_relay_events_published_total{event="other"}"#),
         1.0
     );
     assert!(
-        !after.contains("book.not_yet_invented"),
+        !scrapes.after.contains("book.not_yet_invented"),
         "unknown event names never become labels"
     );
     assert_eq!(
-        delta("ocrolus_relay_publish_confirm_duration_seconds_count"),
+        scrapes.delta("ocrolus_relay_publish_confirm_duration_seconds_count"),
         3.0
     );
-    assert_eq!(metric_value(&after, "ocrolus_relay_broker_up"), 1.0);
-    assert_eq!(metric_value(&after, "ocrolus_relay_ready"), 1.0);
+    let got = broker.drain(&queue, 3, Duration::from_secs(10)).await;
+    assert_eq!(
+        got.len(),
+        3,
+        "exactly the three published events reached the queue"
+    );
+    relay.finish(&broker, &[&queue]).await;
+}
+
+#[tokio::test]
+async fn a_client_outside_the_allowlist_counts_as_forbidden_not_allowlisted() {
+    require_broker!();
+    // Its allowlist excludes 127.0.0.1: every request is forbidden.
+    let relay = TestRelay::start(RelayOptions {
+        allow: vec!["10.0.0.0/8".into()],
+        extra: relaxed(),
+        ..RelayOptions::default()
+    })
+    .await;
+    let broker = TestBroker::connect().await;
+    let id = new_id();
+    let (scrapes, status) = Scrapes::around(&relay, async {
+        let headers = signed_headers(SECRET, &id, now_secs(), VERIFIED);
+        let (status, _, _) =
+            request("POST", &relay.url, &headers, Bytes::from_static(VERIFIED)).await;
+        status
+    })
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        scrapes.delta(r#"ocrolus_relay_requests_total{outcome="forbidden"}"#),
+        1.0
+    );
+    assert_eq!(
+        scrapes.delta(r#"ocrolus_relay_rejections_total{reason="not_allowlisted"}"#),
+        1.0
+    );
+    assert_eq!(scrapes.total_delta("ocrolus_relay_requests_total"), 1.0);
+    assert_no_identifying_labels(&scrapes.after, &[id]);
+    relay.finish(&broker, &[]).await;
+}
+
+#[tokio::test]
+async fn labels_never_carry_client_addresses_or_delivery_ids() {
+    require_broker!();
+    let relay = relaxed_relay().await;
+    let broker = TestBroker::connect().await;
+    let (scrapes, ids) = Scrapes::around(&relay, mixed_traffic(&relay)).await;
+    assert_no_identifying_labels(&scrapes.after, &ids);
+    relay.finish(&broker, &[]).await;
+}
+
+#[tokio::test]
+async fn a_healthy_relay_reports_broker_up_ready_and_its_version() {
+    require_broker!();
+    let relay = relaxed_relay().await;
+    let broker = TestBroker::connect().await;
+    let scrape = relay.metrics().await;
+    assert_eq!(metric_value(&scrape, "ocrolus_relay_broker_up"), 1.0);
+    assert_eq!(metric_value(&scrape, "ocrolus_relay_ready"), 1.0);
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(
         metric_value(
-            &after,
+            &scrape,
             &format!(r#"ocrolus_relay_build_info{{version="{version}"}}"#)
         ),
         1.0
     );
+    relay.finish(&broker, &[]).await;
+}
 
-    // The second relay counted its one request as forbidden / not_allowlisted.
-    let closed_delta =
-        |series: &str| metric_value(&closed_after, series) - metric_value(&closed_before, series);
-    assert_eq!(
-        closed_delta(r#"ocrolus_relay_requests_total{outcome="forbidden"}"#),
-        1.0
-    );
-    assert_eq!(
-        closed_delta(r#"ocrolus_relay_rejections_total{reason="not_allowlisted"}"#),
-        1.0
-    );
-    assert_eq!(
-        total(&closed_after, "ocrolus_relay_requests_total")
-            - total(&closed_before, "ocrolus_relay_requests_total"),
-        1.0
-    );
-
-    // No client address or delivery id ever becomes a label value.
-    for scrape in [&after, &closed_after] {
-        for (series, _) in samples(scrape) {
-            let Some((_, labels)) = series.split_once('{') else {
-                continue;
-            };
-            assert!(
-                !labels.contains("127.0.0.1"),
-                "client IP in a label: {series}"
-            );
-            for id in &sent_ids {
-                assert!(
-                    !labels.contains(id.as_str()),
-                    "delivery id in a label: {series}"
-                );
-            }
-        }
-    }
-
-    // Admin endpoints.
+#[tokio::test]
+async fn admin_endpoints_answer_on_the_admin_port_only() {
+    require_broker!();
+    let relay = relaxed_relay().await;
+    let broker = TestBroker::connect().await;
     let (status, _, body) = get(&format!("http://{}/livez", relay.admin)).await;
     assert_eq!(status, 200);
     assert!(!body.is_empty());
@@ -267,22 +341,10 @@ async fn metrics_move_by_exactly_what_happened() {
     assert_eq!(ready["status"], "ready");
     let (status, _, _) = get(&format!("http://{}/no-such-admin-path", relay.admin)).await;
     assert_eq!(status, 404);
-    // And nothing of the admin listener is served on the public port.
+    // Nothing of the admin listener is served on the public port.
     let (status, _, _) = get(&format!("http://{}/metrics", relay.addr)).await;
     assert_eq!(status, 404);
-
-    let got = broker.drain(&queue, 3, Duration::from_secs(10)).await;
-    assert_eq!(
-        got.len(),
-        3,
-        "exactly the three published events reached the queue"
-    );
-
-    broker.delete_queue(&queue).await;
-    relay.cleanup(&broker).await;
-    closed.cleanup(&broker).await;
-    relay.shutdown().await;
-    closed.shutdown().await;
+    relay.finish(&broker, &[]).await;
 }
 
 /// Metric names in a PromQL expression.
