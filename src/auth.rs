@@ -43,25 +43,40 @@ impl fmt::Debug for Secret {
 pub struct Secrets(Vec<Secret>);
 
 impl Secrets {
+    /// Reads a secret file (mode checked, see [`check_file_mode`]); a file
+    /// that yields no secret is an error, never a silent "HMAC off".
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(format!("secret file {}: {e}", path.display())))?;
-        Self::parse(&text, &format!("secret file {}", path.display()), '\n')
+        let origin = format!("secret file {}", path.display());
+        let text = read_protected(path, &origin)?;
+        let secrets = Self::parse(&text, &origin, '\n')?;
+        if secrets.is_empty() {
+            return Err(ConfigError::new(format!(
+                "{origin} holds no secret (a line is a comment only if '#' is followed by a space); remove --secret-file or add a secret"
+            )));
+        }
+        Ok(secrets)
     }
 
-    /// Parses secrets separated by `sep`; blank entries and `#` comment lines
-    /// are skipped. Errors name the entry's position, never its content.
+    /// Parses secrets separated by `sep`; blank entries and comments (see
+    /// [`is_comment`]) are skipped. Errors name the entry's position, never
+    /// its content.
     pub fn parse(text: &str, origin: &str, sep: char) -> Result<Self, ConfigError> {
         let mut secrets = Vec::new();
         for (index, entry) in text.split(sep).enumerate() {
             let entry = entry.trim();
-            if entry.is_empty() || entry.starts_with('#') {
+            if entry.is_empty() || is_comment(entry) {
                 continue;
             }
             let len = entry.chars().count();
             if !SECRET_LEN.contains(&len) {
                 return Err(ConfigError::new(format!(
                     "{origin}: entry {} is {len} characters; Ocrolus secrets are 16-128 characters",
+                    index + 1
+                )));
+            }
+            if entry.contains(char::is_whitespace) {
+                return Err(ConfigError::new(format!(
+                    "{origin}: entry {} contains whitespace; secrets are one word (a comment is '#' followed by a space)",
                     index + 1
                 )));
             }
@@ -99,6 +114,57 @@ pub fn fingerprint(secret: &[u8]) -> String {
     hex::encode(&hasher.finalize()[..6])
 }
 
+/// The comment rule of secret and Basic files: `#` alone, or `#` followed
+/// by whitespace. Secrets hold no whitespace (refused), so a comment can
+/// never be a secret; `#` followed by anything else starts a secret (random
+/// secrets often do) and is never dropped.
+pub fn is_comment(line: &str) -> bool {
+    line.trim()
+        .strip_prefix('#')
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+}
+
+/// What the mode of a credential file allows others to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileExposure {
+    /// Only the owner (and perhaps its group) can read it.
+    Private,
+    /// Users other than the owner and its group can read it: accepted with a
+    /// warning (container secret mounts often look like this).
+    ReadableByOthers,
+}
+
+/// Refuses a credential file that group or others can write (anyone who
+/// can write it can add a key of their own) and reports whether others can
+/// read it.
+pub fn check_file_mode(path: &Path, origin: &str) -> Result<FileExposure, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| ConfigError::new(format!("{origin}: {e}")))?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        return Err(ConfigError::new(format!(
+            "{origin} is writable by group or others (mode {:o}); chmod 600 it",
+            mode & 0o777
+        )));
+    }
+    Ok(if mode & 0o004 != 0 {
+        FileExposure::ReadableByOthers
+    } else {
+        FileExposure::Private
+    })
+}
+
+/// Reads a credential file after [`check_file_mode`], warning when others
+/// can read it.
+fn read_protected(path: &Path, origin: &str) -> Result<String, ConfigError> {
+    if check_file_mode(path, origin)? == FileExposure::ReadableByOthers {
+        tracing::warn!("{origin} is readable by others; chmod 600 it");
+    }
+    std::fs::read_to_string(path).map_err(|e| ConfigError::new(format!("{origin}: {e}")))
+}
+
 /// Accepted Basic credentials, kept only as SHA-256 of `user:password`.
 #[derive(Clone, Default)]
 pub struct BasicCredentials(Vec<[u8; 32]>);
@@ -111,8 +177,7 @@ impl fmt::Debug for BasicCredentials {
 
 impl BasicCredentials {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(format!("basic auth file {}: {e}", path.display())))?;
+        let text = read_protected(path, &format!("basic auth file {}", path.display()))?;
         Self::parse(&text)
             .map_err(|e| ConfigError::new(format!("basic auth file {}: {e}", path.display())))
     }
@@ -121,7 +186,7 @@ impl BasicCredentials {
         let mut digests = Vec::new();
         for (index, line) in text.lines().enumerate() {
             let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
+            if line.is_empty() || is_comment(line) {
                 continue;
             }
             match line.split_once(':') {

@@ -74,10 +74,14 @@ pub struct ServeArgs {
     /// Path of the webhook endpoint.
     #[arg(long, env = "RELAY_WEBHOOK_PATH", default_value = "/webhooks/ocrolus")]
     pub webhook_path: String,
-    /// HMAC secrets, one per line (several during rotation). RELAY_WEBHOOK_SECRETS=a,b also works.
+    /// HMAC secrets, one per line (several during rotation); RELAY_WEBHOOK_SECRETS=a,b also works.
+    /// A line is a comment only if '#' is followed by a space (or stands alone): '#abc…' is a
+    /// secret. A file with no secret, or writable by group/others, is refused; readable by
+    /// others, a warning.
     #[arg(long, env = "RELAY_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
-    /// HTTP Basic credentials, `user:password` per line.
+    /// HTTP Basic credentials, `user:password` per line; comments and file mode as for
+    /// --secret-file.
     #[arg(long, env = "RELAY_BASIC_AUTH_FILE")]
     pub basic_auth_file: Option<PathBuf>,
     /// Accept deliveries without any authentication. Development only.
@@ -215,7 +219,11 @@ impl Sources {
             None => Secrets::default(),
         };
         if let Some(list) = &self.secrets_env {
-            secrets.extend(Secrets::parse(list, "RELAY_WEBHOOK_SECRETS", ',')?);
+            let from_env = Secrets::parse(list, "RELAY_WEBHOOK_SECRETS", ',')?;
+            if from_env.is_empty() && !list.trim().is_empty() {
+                return Err(ConfigError::new("RELAY_WEBHOOK_SECRETS holds no secret"));
+            }
+            secrets.extend(from_env);
         }
         if self.dev && secrets.is_empty() && self.basic_auth_file.is_none() {
             secrets.extend(Secrets::parse(DEV_SECRET, "the development secret", ',')?);

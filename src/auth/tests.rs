@@ -249,3 +249,48 @@ fn debug_output_hides_secrets() {
     let shown = format!("{p:?}");
     assert!(!shown.contains("0123456789abcdef-test-secret"), "{shown}");
 }
+
+/// Issue 12, item 4: random secrets often start with `#`; such a line is a
+/// secret, not a comment (it used to be skipped, which turned HMAC off).
+#[test]
+fn hash_followed_by_a_non_space_is_a_secret() {
+    let secrets = Secrets::parse("#q7Vx!m2Lr@9pT&zK4wN8sB$eY6hJ3cD\n", "t", '\n').expect("parse");
+    assert_eq!(secrets.len(), 1);
+    let basic = BasicCredentials::parse("#ocrolus:first-password\n").expect("parse");
+    assert_eq!(basic.len(), 1);
+}
+
+#[test]
+fn comment_is_hash_then_whitespace_or_alone() {
+    let secrets = Secrets::parse(
+        "# rotated 2026-11\n#\n  #\tindented comment\nok-secret-0123456789\n",
+        "t",
+        '\n',
+    )
+    .expect("parse");
+    assert_eq!(secrets.len(), 1);
+}
+
+/// A secret never holds whitespace, so no comment can be a secret.
+#[test]
+fn secret_with_whitespace_is_refused_without_echoing_it() {
+    let err = Secrets::parse("ok-secret-0123456789\nhas a space inside it\n", "t", '\n')
+        .expect_err("whitespace");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("entry 2") && msg.contains("whitespace"),
+        "{msg}"
+    );
+    assert!(!msg.contains("space inside"), "{msg}");
+}
+
+#[test]
+fn secret_file_without_a_secret_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for text in ["", "\n\n", "# only a comment\n"] {
+        let path = dir.path().join("secrets");
+        std::fs::write(&path, text).expect("write");
+        let err = Secrets::load(&path).expect_err("no secret");
+        assert!(err.to_string().contains("no secret"), "{err}");
+    }
+}

@@ -1,6 +1,7 @@
 //! `check-config`: load and validate everything `serve` would, print a
 //! summary. Never prints a secret.
 
+use crate::auth::{FileExposure, check_file_mode};
 use crate::config::{Config, redact_url};
 use crate::config_error::ConfigError;
 use crate::outbox::spool::SpoolFile;
@@ -41,6 +42,21 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
     let basic = policy.auth.basic_credentials();
     println!("HMAC secrets:      {hmac}");
     println!("Basic credentials: {basic}");
+    println!(
+        "credential files:  one entry per line; a line is a comment only if '#' is followed by a space"
+    );
+    let files = [
+        ("secret file", &config.sources.secret_file),
+        ("basic auth file", &config.sources.basic_auth_file),
+    ];
+    for (what, path) in files {
+        if let Some(path) = path {
+            let origin = format!("{what} {}", path.display());
+            if check_file_mode(path, &origin)? == FileExposure::ReadableByOthers {
+                println!("WARNING: {origin} is readable by others; chmod 600 it");
+            }
+        }
+    }
     if hmac == 0 && basic == 0 {
         println!("WARNING: authentication is OFF (--insecure-no-auth)");
     }

@@ -14,7 +14,9 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use crate::auth::{REQUEST_ID_HEADER, SIGNATURE_HEADER, Secrets, TIMESTAMP_HEADER, sign};
+use crate::auth::{
+    REQUEST_ID_HEADER, SIGNATURE_HEADER, Secrets, TIMESTAMP_HEADER, is_comment, sign,
+};
 use crate::config::DEV_SECRET;
 use crate::event::LEGACY_STATUS_MAP;
 
@@ -85,7 +87,7 @@ pub async fn run(args: SendTestArgs, secrets_env: Option<String>) -> anyhow::Res
         let line = text
             .lines()
             .map(str::trim)
-            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .find(|l| !l.is_empty() && !is_comment(l))
             .ok_or_else(|| anyhow!("{}: no user:password line", path.display()))?;
         use base64::Engine;
         let encoded = base64::engine::general_purpose::STANDARD.encode(line);
@@ -121,7 +123,7 @@ fn pick_secret(args: &SendTestArgs, secrets_env: Option<String>) -> anyhow::Resu
     Secrets::parse(&text, "secret", '\n').map_err(|e| anyhow!("{e}"))?;
     text.lines()
         .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .find(|l| !l.is_empty() && !is_comment(l))
         .map(|s| Some(s.to_owned()))
         .ok_or_else(|| anyhow!("the secret file holds no secret"))
 }
