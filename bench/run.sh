@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmark of ocrolus-relay against the direct-publish baseline.
+# Benchmark of ocrolus-relay against the direct-publish baseline, driving the
+# relay-bench package next to this script (bench/src).
 # Not part of CI. Needs RabbitMQ on 127.0.0.1:5672 (guest/guest).
 #
 #   bench/run.sh                # everything, < 10 minutes
@@ -51,7 +52,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 log "build (release, once)"
-nice -n 10 cargo build --release --bins --quiet
+nice -n 10 cargo build --release --workspace --bins --quiet
 
 BENCH=(timeout 120 "$BIN/relay-bench")
 BROKER_PID="$(pgrep -o beam.smp || true)" # for CPU accounting only

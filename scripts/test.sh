@@ -27,7 +27,7 @@ echo "== cargo test"
 export RELAY_TEST_REQUIRE_BROKER=1
 # tests/subscribers.rs runs the example consumer's binary: build it first
 # (cargo test compiles examples, but not to their plain path).
-cargo build --examples --locked
+cargo build --workspace --examples --locked
 if [ -n "$cluster_pid" ]; then
   if ! wait "$cluster_pid"; then
     cat "$cluster_log" >&2
@@ -37,7 +37,7 @@ if [ -n "$cluster_pid" ]; then
   cat "$cluster_log"
 fi
 # With the cluster started here, tests/cluster.rs must not skip.
-RELAY_CLUSTER_REQUIRED=1 cargo test --all-targets --locked
+RELAY_CLUSTER_REQUIRED=1 cargo test --workspace --all-targets --locked
 
 echo "== deploy files"
 bash deploy/check.sh

@@ -48,10 +48,12 @@ pub use state::AppState;
 
 // What a delivery and a message look like, for tests, the benchmark and fuzzing.
 pub use auth::{AuthPolicy, BasicCredentials, Secrets, fingerprint, sign};
-pub use broker::{declare_topology, properties, rfc3339_millis};
+pub use broker::{declare_topology, properties};
 pub use client::{NetPolicy, NetReject};
 pub use cmd::send_test::{sample_body, tls_connector};
-pub use event::{AccountLevel, EventTable, KNOWN_EVENTS, LEGACY_STATUS_MAP, account_level_map};
+pub use event::{
+    AccountLevel, Envelope, EventTable, KNOWN_EVENTS, LEGACY_STATUS_MAP, account_level_map,
+};
 pub use ocrolus::{
     Client as OcrolusClient, ClientConfig as OcrolusClientConfig,
     ClientSecret as OcrolusClientSecret,
