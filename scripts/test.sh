@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project: Rust unit and integration tests against the
-# local RabbitMQ, the deploy-file checks (promtool, systemd, YAML/JSON), the
+# local RabbitMQ, the README's quick start in a fresh clone (needs
+# 127.0.0.1:8080 and :9090 free), the deploy-file checks (promtool, systemd, YAML/JSON), the
 # RabbitMQ topology import test and the AsyncAPI / Python consumer checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,9 @@ if [ -n "$cluster_pid" ]; then
 fi
 # With the cluster started here, tests/cluster.rs must not skip.
 RELAY_CLUSTER_REQUIRED=1 cargo test --workspace --all-targets --locked
+
+echo "== README quick start, as typed, in a fresh clone"
+scripts/quickstart-test.sh
 
 echo "== deploy files"
 bash deploy/check.sh

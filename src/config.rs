@@ -2,7 +2,7 @@
 //! validation into one [`Config`]. Everything is parsed and checked once, at
 //! start or on reload; nothing downstream sees a raw string it must re-check.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,8 +20,23 @@ pub const DEV_SECRET: &str = "ocrolus-relay-development-secret";
 /// The name of the one source the single-source flags describe.
 pub const DEFAULT_SOURCE: &str = "default";
 
-/// Where `--dev` listens: loopback only, plaintext.
-pub const DEV_LISTEN: &str = "127.0.0.1:8080";
+/// Where `--dev` listens unless `--listen` says otherwise: loopback only,
+/// plaintext.
+pub const DEV_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+
+/// The default `--webhook-path`, where `send-test` sends unless given `--url`.
+pub const DEFAULT_WEBHOOK_PATH: &str = "/webhooks/ocrolus";
+
+/// The public address `serve` binds for this `--listen`: `--dev` moves the
+/// default listener to [`DEV_LISTEN`], an explicit `--listen` is kept.
+/// `send-test --dev --listen` applies the same rule to find the relay.
+pub fn serve_listen(listen: SocketAddr, dev: bool) -> SocketAddr {
+    if dev && listen == default_listen() {
+        DEV_LISTEN
+    } else {
+        listen
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -72,7 +87,7 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_PUBLISH_CHANNELS", default_value_t = 4)]
     pub publish_channels: usize,
     /// Path of the webhook endpoint.
-    #[arg(long, env = "RELAY_WEBHOOK_PATH", default_value = "/webhooks/ocrolus")]
+    #[arg(long, env = "RELAY_WEBHOOK_PATH", default_value = DEFAULT_WEBHOOK_PATH)]
     pub webhook_path: String,
     /// HMAC secrets, one per line (several during rotation); RELAY_WEBHOOK_SECRETS=a,b also works.
     /// A line is a comment only if '#' is followed by a space (or stands alone): '#abc…' is a
@@ -148,8 +163,9 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Quick start: plaintext on 127.0.0.1:8080, loopback clients only, a
-    /// printed development secret.
+    /// Quick start: plaintext on 127.0.0.1:8080 (unless --listen names
+    /// another loopback address), loopback clients only, a printed
+    /// development secret.
     #[arg(long, env = "RELAY_DEV")]
     pub dev: bool,
 }
@@ -305,7 +321,7 @@ impl Config {
     /// Validates the flags. `secrets_env` is `RELAY_WEBHOOK_SECRETS`, passed in
     /// so tests never mutate the process environment.
     pub fn from_args(args: &ServeArgs, secrets_env: Option<String>) -> Result<Self, ConfigError> {
-        let mut listen = args.listen;
+        let listen = serve_listen(args.listen, args.dev);
         let tls = match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(TlsPaths {
                 cert: cert.clone(),
@@ -321,11 +337,6 @@ impl Config {
         if args.dev {
             if tls.is_some() {
                 return Err(ConfigError::new("--dev serves plaintext; drop --tls-*"));
-            }
-            if listen == default_listen() {
-                listen = DEV_LISTEN
-                    .parse()
-                    .map_err(|_| ConfigError::new("bad development address"))?;
             }
             if !listen.ip().is_loopback() {
                 return Err(ConfigError::new(format!(

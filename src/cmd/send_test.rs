@@ -1,6 +1,7 @@
 //! `send-test`: build a realistic Ocrolus delivery for an event, sign it the
 //! way Ocrolus does and send it, like the Dashboard's "Test webhook".
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,18 +18,20 @@ use tokio::net::TcpStream;
 use crate::auth::{
     REQUEST_ID_HEADER, SIGNATURE_HEADER, Secrets, TIMESTAMP_HEADER, is_comment, sign,
 };
-use crate::config::DEV_SECRET;
+use crate::config::{DEFAULT_WEBHOOK_PATH, DEV_LISTEN, DEV_SECRET, serve_listen};
 use crate::event::LEGACY_STATUS_MAP;
 
 #[derive(Debug, clap::Args)]
 pub struct SendTestArgs {
-    /// Webhook URL of the relay.
-    #[arg(
-        long,
-        env = "RELAY_SEND_TEST_URL",
-        default_value = "http://127.0.0.1:8080/webhooks/ocrolus"
-    )]
-    pub url: String,
+    /// Webhook URL of the relay (default: http://127.0.0.1:8080/webhooks/ocrolus,
+    /// where `serve --dev` listens). Wins over --listen.
+    #[arg(long, env = "RELAY_SEND_TEST_URL")]
+    pub url: Option<String>,
+    /// The relay's --listen (and the same RELAY_LISTEN), for a `serve --dev`
+    /// or `--plaintext` relay on another port: sends to
+    /// http://LISTEN/webhooks/ocrolus (0.0.0.0 and [::] mean this host).
+    #[arg(long, env = "RELAY_LISTEN")]
+    pub listen: Option<SocketAddr>,
     /// Event to simulate: an org-level name, an account-level name
     /// (DOC_VERIFIED, ...) or a legacy status (VERIFICATION_COMPLETE).
     #[arg(long, default_value = "document.verification_succeeded")]
@@ -61,7 +64,7 @@ pub async fn run(args: SendTestArgs, secrets_env: Option<String>) -> anyhow::Res
         }
         None => Bytes::from(sample_body(&args.event).to_string()),
     };
-    let uri: Uri = args.url.parse().context("--url")?;
+    let uri: Uri = target_url(&args).parse().context("--url")?;
     let timestamp = (crate::now_ms() / 1000).to_string();
     let id = args
         .request_id
@@ -103,6 +106,25 @@ pub async fn run(args: SendTestArgs, secrets_env: Option<String>) -> anyhow::Res
         bail!("relay answered {status}");
     }
     Ok(())
+}
+
+/// Where to send: `--url`, else the relay's `--listen` (mapped the way
+/// `serve` maps it, so `--dev` with the default listener means
+/// [`DEV_LISTEN`]), else [`DEV_LISTEN`].
+fn target_url(args: &SendTestArgs) -> String {
+    if let Some(url) = &args.url {
+        return url.clone();
+    }
+    let mut addr = args
+        .listen
+        .map_or(DEV_LISTEN, |listen| serve_listen(listen, args.dev));
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    format!("http://{addr}{DEFAULT_WEBHOOK_PATH}")
 }
 
 fn pick_secret(args: &SendTestArgs, secrets_env: Option<String>) -> anyhow::Result<Option<String>> {
@@ -236,4 +258,63 @@ pub fn tls_connector(
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn url_for(flags: &[&str]) -> String {
+        let cli = Cli::parse_from(["ocrolus-relay", "send-test"].iter().chain(flags));
+        let Command::SendTest(args) = cli.command else {
+            unreachable!("parsed send-test")
+        };
+        target_url(&args)
+    }
+
+    #[test]
+    fn defaults_to_where_serve_dev_listens() {
+        assert_eq!(
+            url_for(&["--dev"]),
+            "http://127.0.0.1:8080/webhooks/ocrolus"
+        );
+        assert_eq!(url_for(&[]), "http://127.0.0.1:8080/webhooks/ocrolus");
+    }
+
+    #[test]
+    fn follows_the_relays_listen_like_serve_does() {
+        assert_eq!(
+            url_for(&["--dev", "--listen", "127.0.0.1:18080"]),
+            "http://127.0.0.1:18080/webhooks/ocrolus"
+        );
+        // serve --dev moves the default listener to 127.0.0.1:8080.
+        assert_eq!(
+            url_for(&["--dev", "--listen", "0.0.0.0:8443"]),
+            "http://127.0.0.1:8080/webhooks/ocrolus"
+        );
+        assert_eq!(
+            url_for(&["--listen", "0.0.0.0:9443"]),
+            "http://127.0.0.1:9443/webhooks/ocrolus"
+        );
+        assert_eq!(
+            url_for(&["--listen", "[::]:9443"]),
+            "http://[::1]:9443/webhooks/ocrolus"
+        );
+    }
+
+    #[test]
+    fn url_wins_over_listen() {
+        assert_eq!(
+            url_for(&[
+                "--listen",
+                "127.0.0.1:18080",
+                "--url",
+                "https://relay.example/hook"
+            ]),
+            "https://relay.example/hook"
+        );
+    }
 }
