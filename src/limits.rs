@@ -77,6 +77,32 @@ where
     }
 }
 
+/// After a refusal: reads and discards the rest of a body, at most `max`
+/// bytes within `deadline`; `true` if it ended, so that the connection can
+/// carry the next request.
+pub async fn drain_body<B>(body: B, max: usize, deadline: Duration) -> bool
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let discard = async {
+        let mut body = std::pin::pin!(body);
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            if let Some(data) = frame.data_ref() {
+                seen = seen.saturating_add(data.len());
+                if seen > max {
+                    return false;
+                }
+            }
+        }
+        true
+    };
+    tokio::time::timeout(deadline, discard)
+        .await
+        .unwrap_or(false)
+}
+
 /// Step 6: rate limits and the cap on requests in flight.
 pub struct Admission {
     per_client: DefaultKeyedRateLimiter<IpAddr>,
@@ -243,6 +269,13 @@ mod tests {
             read_body(body, 10, Duration::from_secs(1)).await.as_deref(),
             Ok(&b"0123456789"[..])
         );
+    }
+
+    #[tokio::test]
+    async fn drain_discards_a_small_body_and_refuses_a_large_one() {
+        let body = || http_body_util::Full::new(Bytes::from(vec![b'a'; 11]));
+        assert!(drain_body(body(), 11, Duration::from_secs(1)).await);
+        assert!(!drain_body(body(), 10, Duration::from_secs(1)).await);
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! line, in exactly one place.
 
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::request::Parts;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tracing::info;
@@ -18,16 +19,36 @@ use crate::client::ClientIp;
 use crate::config::Policy;
 use crate::dedup::Claim;
 use crate::event::Envelope;
-use crate::limits;
+use crate::limits::{self, InFlight};
 use crate::metrics::Outcome;
 use crate::outbox::Safe;
-use crate::reject::Reject;
+use crate::reject::{AfterAnswer, Reject};
 use crate::state::AppState;
+
+/// How long a refused request's remaining body may take to arrive before
+/// the connection is closed instead of kept: long enough for a client that
+/// sends its headers first, short enough that a refused client cannot hold
+/// the slot.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
 
 /// A request the relay said yes to.
 struct Accepted {
     id: String,
     outcome: Outcome,
+}
+
+/// A request the relay said no to, and whether its body was read: an
+/// unread body is drained before a kept connection can carry the next
+/// request; one cut off mid-way leaves the connection unusable.
+struct Refused {
+    reject: Reject,
+    body: Body,
+}
+
+enum Body {
+    Unread(Incoming),
+    Read,
+    CutOff,
 }
 
 /// One request: the pipeline, then its answer, metrics and log line.
@@ -37,35 +58,32 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
+    let (parts, body) = req.into_parts();
     // An unverified id, logged only if it is well-formed (never raw input).
-    let claimed_id = req
-        .headers()
+    let claimed_id = parts
+        .headers
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(DeliveryId::parse);
+    let http1 = parts.version < Version::HTTP_2;
     state.metrics.requests_in_flight.inc();
     let policy = state.policy();
     // 2. Client address: the TCP peer stands in when the forwarded chain is
     // malformed, so that even that rejection is logged against an address.
-    let result = match policy.net.client_ip(peer, req.headers()) {
-        Ok(client) => {
-            // The whole-request deadline. Dropping the pipeline mid-delivery
-            // is safe: the answer is not 200, so Ocrolus retries; at worst
-            // the event was spooled meanwhile and is delivered twice (at
-            // least once).
-            let deadline = state.config.limits.request_timeout;
-            let result = tokio::time::timeout(deadline, process(state, &policy, client, req))
-                .await
-                .unwrap_or(Err(Reject::Deadline));
-            (client, result)
+    let (client, result) = match policy.net.client_ip(peer, &parts.headers) {
+        Ok(client) => (client, process(state, &policy, client, parts, body).await),
+        Err(e) => {
+            let refused = Refused {
+                reject: e.into(),
+                body: Body::Unread(body),
+            };
+            (ClientIp::new(peer), Err(refused))
         }
-        Err(e) => (ClientIp::new(peer), Err(e.into())),
     };
-    state.metrics.requests_in_flight.dec();
-    let latency = started.elapsed();
     let metrics = &state.metrics;
-    match result {
-        (client, Ok(accepted)) => {
+    let response = match result {
+        Ok(accepted) => {
+            let latency = started.elapsed();
             let outcome = accepted.outcome.as_str();
             metrics.requests.with_label_values(&[outcome]).inc();
             metrics
@@ -83,8 +101,20 @@ pub async fn handle(
             let body = serde_json::json!({ "id": accepted.id, "status": outcome });
             json_response(StatusCode::OK, body.to_string(), None)
         }
-        (client, Err(reject)) => {
+        Err(Refused { reject, body }) => {
             let answer = reject.answer();
+            let keep = http1 && answer.after == AfterAnswer::Keep && {
+                let limits = &state.config.limits;
+                match body {
+                    Body::Read => true,
+                    Body::CutOff => false,
+                    Body::Unread(body) => {
+                        let deadline = limits.body_timeout.min(DRAIN_DEADLINE);
+                        limits::drain_body(body, limits.max_body, deadline).await
+                    }
+                }
+            };
+            let latency = started.elapsed();
             let outcome = answer.outcome.as_str();
             metrics.requests.with_label_values(&[outcome]).inc();
             metrics.reject(answer.reason);
@@ -103,14 +133,21 @@ pub async fn handle(
             );
             let body = format!(r#"{{"error":"{outcome}"}}"#);
             let mut response = json_response(answer.status, body, answer.retry_after);
+            let headers = response.headers_mut();
             if matches!(reject, Reject::MethodNotAllowed) {
-                response
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("POST"));
+                headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            // hyper closes a connection whose body was left unread without
+            // saying so; the client would send its next request into a
+            // closed socket (issue 17).
+            if http1 && !keep {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             response
         }
-    }
+    };
+    state.metrics.requests_in_flight.dec();
+    response
 }
 
 /// Steps 3-13, in order, for a client whose address is known.
@@ -118,27 +155,75 @@ async fn process(
     state: &AppState,
     policy: &Policy,
     client: ClientIp,
-    req: Request<Incoming>,
-) -> Result<Accepted, Reject> {
+    parts: Parts,
+    body: Incoming,
+) -> Result<Accepted, Refused> {
+    // 3-6, before any of the body is read.
+    let in_flight = match admit(state, policy, client, &parts) {
+        Ok(in_flight) => in_flight,
+        Err(reject) => {
+            return Err(Refused {
+                reject,
+                body: Body::Unread(body),
+            });
+        }
+    };
+    // The whole-request deadline. Dropping the pipeline mid-delivery is
+    // safe: the answer is not 200, so Ocrolus retries; at worst the event
+    // was spooled meanwhile and is delivered twice (at least once).
+    let mut body_read = false;
+    let deadline = state.config.limits.request_timeout;
+    let delivered = tokio::time::timeout(
+        deadline,
+        deliver(state, policy, client, parts, body, &mut body_read),
+    )
+    .await
+    .unwrap_or(Err(Reject::Deadline));
+    drop(in_flight);
+    delivered.map_err(|reject| Refused {
+        reject,
+        body: if body_read { Body::Read } else { Body::CutOff },
+    })
+}
+
+/// Steps 3-6: allowlist, route, declared size, rate limits and in-flight cap.
+fn admit(
+    state: &AppState,
+    policy: &Policy,
+    client: ClientIp,
+    parts: &Parts,
+) -> Result<InFlight, Reject> {
     // 3. Allowlist.
     policy.net.check(client)?;
 
     // 4. Route.
-    if req.uri().path() != state.config.webhook_path {
+    if parts.uri.path() != state.config.webhook_path {
         return Err(Reject::NotFound);
     }
-    if req.method() != Method::POST {
+    if parts.method != Method::POST {
         return Err(Reject::MethodNotAllowed);
     }
 
     // 5. Declared size; 6. rate limits and in-flight cap.
     let limits = &state.config.limits;
-    limits::check_declared_len(req.headers(), limits.max_body)?;
-    let _in_flight = state.admission.admit(client)?;
+    limits::check_declared_len(&parts.headers, limits.max_body)?;
+    Ok(state.admission.admit(client)?)
+}
 
+/// Steps 7-13 for an admitted request; `body_read` is set once the body
+/// has been read whole.
+async fn deliver(
+    state: &AppState,
+    policy: &Policy,
+    client: ClientIp,
+    parts: Parts,
+    body: Incoming,
+    body_read: &mut bool,
+) -> Result<Accepted, Reject> {
     // 7. Body, capped in size and time.
-    let (parts, body) = req.into_parts();
+    let limits = &state.config.limits;
     let body = limits::read_body(body, limits.max_body, limits.body_timeout).await?;
+    *body_read = true;
     let received_at_ms = crate::now_ms();
 
     // 8. Authenticate over the raw bytes.

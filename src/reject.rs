@@ -1,7 +1,8 @@
 //! Why a request was not accepted, and the one table that turns each cause
 //! into its answer: status, `outcome` (the `{"error":…}` body and the
 //! `requests_total` label), `reason` (the `rejections_total` label and the
-//! log) and `Retry-After`.
+//! log), `Retry-After`, and whether the connection is kept after it (see
+//! docs/architecture.md, "Connections: close or keep").
 
 use http::StatusCode;
 
@@ -40,6 +41,31 @@ pub struct Answer {
     pub outcome: Outcome,
     pub reason: Reason,
     pub retry_after: Option<u64>,
+    pub after: AfterAnswer,
+}
+
+/// What becomes of an HTTP/1.1 connection after an answer. HTTP/2 answers
+/// the stream and keeps the connection either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterAnswer {
+    /// A retry-able answer: the connection carries the client's next
+    /// request, once the rest of this one's body is read and discarded.
+    Keep,
+    /// The client is not allowed, its request cannot be framed or read, or
+    /// retrying the same request cannot succeed: `Connection: close`.
+    Close,
+}
+
+impl AfterAnswer {
+    /// Issue 12's rule: every 4xx that a retry cannot fix closes; 429 and
+    /// the 5xx answers (the relay's own trouble) keep the connection.
+    fn of(status: StatusCode) -> Self {
+        if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
+            Self::Close
+        } else {
+            Self::Keep
+        }
+    }
 }
 
 impl Reject {
@@ -88,6 +114,7 @@ impl Reject {
             outcome,
             reason,
             retry_after,
+            after: AfterAnswer::of(status),
         }
     }
 }
@@ -300,6 +327,12 @@ mod tests {
             assert_eq!(answer.outcome.as_str(), outcome, "{reject:?}");
             assert_eq!(answer.reason.as_str(), reason, "{reject:?}");
             assert_eq!(answer.retry_after, retry_after, "{reject:?}");
+            let closes = status / 100 == 4 && status != 429;
+            assert_eq!(
+                answer.after == AfterAnswer::Close,
+                closes,
+                "{reject:?}: a 4xx other than 429 closes"
+            );
         }
     }
 }

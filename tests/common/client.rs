@@ -90,7 +90,17 @@ pub async fn get(url: &str) -> Answer {
 
 /// The head of a raw HTTP/1.1 POST to the webhook path.
 pub fn raw_head(addr: SocketAddr, headers: &[(String, String)]) -> String {
-    let mut head = format!("POST /webhooks/ocrolus HTTP/1.1\r\nhost: {addr}\r\n");
+    raw_request_head("POST", "/webhooks/ocrolus", addr, headers)
+}
+
+/// The head of any raw HTTP/1.1 request.
+pub fn raw_request_head(
+    method: &str,
+    path: &str,
+    addr: SocketAddr,
+    headers: &[(String, String)],
+) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -105,6 +115,24 @@ pub struct Raw {
     pub text: String,
     pub closed: bool,
     pub elapsed: Duration,
+}
+
+impl Raw {
+    /// A response header's value (the first one), lower-cased.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let head = self.text.split("\r\n\r\n").next()?;
+        head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_ascii_lowercase())
+        })
+    }
+
+    /// The answer said the server closes the connection after it.
+    pub fn says_close(&self) -> bool {
+        self.header("connection").as_deref() == Some("close")
+    }
 }
 
 /// Reads one HTTP/1.1 answer (complete by Content-Length) or until the
