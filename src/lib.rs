@@ -29,6 +29,7 @@ mod config_error;
 mod dedup;
 mod event;
 mod limits;
+mod log_throttle;
 mod metrics;
 mod ocrolus;
 mod outbox;

@@ -5,6 +5,7 @@
 //! line, in exactly one place.
 
 use std::net::IpAddr;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,7 +21,8 @@ use crate::config::Policy;
 use crate::dedup::Claim;
 use crate::event::Envelope;
 use crate::limits::{self, InFlight};
-use crate::metrics::Outcome;
+use crate::log_throttle::LogThrottle;
+use crate::metrics::{Outcome, Reason};
 use crate::outbox::Safe;
 use crate::reject::{AfterAnswer, Reject};
 use crate::state::AppState;
@@ -30,6 +32,11 @@ use crate::state::AppState;
 /// sends its headers first, short enough that a refused client cannot hold
 /// the slot.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
+
+/// "webhook rejected" lines: per reason, 5 a second, then one that says
+/// how many were left out.
+static REJECTED_LOG: LazyLock<LogThrottle> =
+    LazyLock::new(|| LogThrottle::new(Reason::ALL.len(), 5, Duration::from_secs(1)));
 
 /// A request the relay said yes to.
 struct Accepted {
@@ -122,15 +129,20 @@ pub async fn handle(
                 .request_duration
                 .with_label_values(&[outcome])
                 .observe(latency.as_secs_f64());
-            info!(
-                client_ip = %client,
-                outcome,
-                reason = answer.reason.as_str(),
-                status = answer.status.as_u16(),
-                latency_ms = latency.as_secs_f64() * 1000.0,
-                delivery_id = claimed_id.as_ref().map(DeliveryId::as_str).unwrap_or("-"),
-                "webhook rejected"
-            );
+            // A flood of refusals (a scanner behind the load balancer) must
+            // not become a flood of log lines; the metric counts them all.
+            if let Some(suppressed) = REJECTED_LOG.admit(answer.reason as usize) {
+                info!(
+                    client_ip = %client,
+                    outcome,
+                    reason = answer.reason.as_str(),
+                    status = answer.status.as_u16(),
+                    latency_ms = latency.as_secs_f64() * 1000.0,
+                    delivery_id = claimed_id.as_ref().map(DeliveryId::as_str).unwrap_or("-"),
+                    suppressed,
+                    "webhook rejected"
+                );
+            }
             let body = format!(r#"{{"error":"{outcome}"}}"#);
             let mut response = json_response(answer.status, body, answer.retry_after);
             let headers = response.headers_mut();

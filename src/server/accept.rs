@@ -3,7 +3,7 @@
 //! proxies) and the TLS handshake, each bounded by the header timeout.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -13,9 +13,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::conn::http;
+use crate::log_throttle::LogThrottle;
 use crate::metrics::Reason;
 use crate::proxy_protocol;
 use crate::state::AppState;
+
+/// "accept failed" lines: at most one a second while descriptors run out.
+static ACCEPT_FAILED_LOG: LazyLock<LogThrottle> =
+    LazyLock::new(|| LogThrottle::new(1, 1, Duration::from_secs(1)));
 
 /// Accepts connections until `shutdown`, then lets the open ones finish
 /// within the deadline.
@@ -30,7 +35,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
+                    if let Some(suppressed) = ACCEPT_FAILED_LOG.admit(0) {
+                        warn!(error = %e, suppressed, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
