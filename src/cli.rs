@@ -2,13 +2,17 @@
 //! `ocrolus`.
 //! Configuration errors print one precise line and exit 64 (EX_USAGE).
 
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::cmd;
 use crate::config::{Config, LogFormat, ServeArgs};
+use crate::config_error::ConfigError;
+use crate::config_file::{ConfigFile, find_config_arg};
 
 #[derive(Debug, Parser)]
 #[command(name = "ocrolus-relay", version, about)]
@@ -34,6 +38,66 @@ pub enum Command {
 }
 
 const EX_USAGE: u8 = 64;
+
+/// Why the command line could not be parsed.
+#[derive(Debug)]
+pub enum ParseError {
+    /// Bad flags, or `--help` / `--version` (clap prints and exits).
+    Clap(clap::Error),
+    /// The `--config` file is unreadable or invalid.
+    Config(ConfigError),
+}
+
+impl ParseError {
+    pub fn exit(self) -> ExitCode {
+        match self {
+            Self::Clap(e) => e.exit(),
+            Self::Config(e) => usage(e),
+        }
+    }
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Clap(e) => write!(f, "{e}"),
+            Self::Config(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Parses `argv`. For `serve` and `check-config` a `--config` file (or
+/// `RELAY_CONFIG`, passed in so tests never touch the environment)
+/// supplies the flags' defaults: flags and environment still win.
+pub fn parse_from<I, T>(argv: I, config_env: Option<PathBuf>) -> Result<Cli, ParseError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+    let mut command = Cli::command();
+    if let Some(path) = find_config_arg(&argv, config_env) {
+        let file = ConfigFile::load(&path).map_err(ParseError::Config)?;
+        let name = argv
+            .get(1)
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(sub) = command.find_subcommand(&name).cloned() {
+            let applied = file.apply(sub).map_err(|e| {
+                ParseError::Config(ConfigError::new(format!(
+                    "config file {}: {e}",
+                    path.display()
+                )))
+            })?;
+            command = command.mut_subcommand(&name, |_| applied);
+        }
+    }
+    let matches = command
+        .try_get_matches_from(argv)
+        .map_err(ParseError::Clap)?;
+    Cli::from_arg_matches(&matches).map_err(ParseError::Clap)
+}
 
 pub fn run(cli: Cli) -> ExitCode {
     let log_format = match &cli.command {

@@ -47,6 +47,10 @@ pub enum LogFormat {
 /// Flags shared by `serve` and `check-config`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// YAML file with any of these settings (flag names with `_` for `-`);
+    /// flags and environment override it. See relay.example.yaml.
+    #[arg(long, env = "RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Public webhook listener.
     #[arg(long, env = "RELAY_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
@@ -303,6 +307,8 @@ pub struct ShutdownConfig {
 /// The validated configuration of `serve`.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The `--config` file the settings came from, if any.
+    pub file: Option<PathBuf>,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub proxy_protocol: bool,
@@ -406,6 +412,7 @@ impl Config {
             Some(args.allowlist.clone())
         };
         let config = Config {
+            file: args.config.clone(),
             listen,
             admin_listen: args.admin_listen,
             proxy_protocol: args.proxy_protocol,

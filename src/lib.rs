@@ -26,6 +26,7 @@ mod client;
 mod cmd;
 mod config;
 mod config_error;
+mod config_file;
 mod dedup;
 mod event;
 mod limits;
@@ -43,7 +44,7 @@ mod tls;
 
 // The binary and whole relays in tests.
 pub use app::Relay;
-pub use cli::{Cli, Command, run};
+pub use cli::{Cli, Command, ParseError, parse_from, run};
 pub use config::{BrokerConfig, Config};
 pub use state::AppState;
 

@@ -1,5 +1,7 @@
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    ocrolus_relay::run(ocrolus_relay::Cli::parse())
+    let config_env = std::env::var_os("RELAY_CONFIG").map(std::path::PathBuf::from);
+    match ocrolus_relay::parse_from(std::env::args_os(), config_env) {
+        Ok(cli) => ocrolus_relay::run(cli),
+        Err(e) => e.exit(),
+    }
 }

@@ -13,6 +13,9 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
     let spool = SpoolFile::open(&config.spool.dir)
         .and_then(|s| s.stats())
         .map_err(|e| ConfigError::new(format!("spool {}: {e}", config.spool.dir.display())))?;
+    if let Some(file) = &config.file {
+        println!("config file:       {}", file.display());
+    }
     println!(
         "listen:            {} ({})",
         config.listen,

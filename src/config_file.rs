@@ -1,0 +1,276 @@
+//! `--config relay.yaml`: every `serve` setting under its flag's name (with
+//! `_` for `-`: `admin_listen`, `rate_limit_per_ip`). Precedence: flag, then `RELAY_*` environment, then the file, then
+//! the built-in default — the file's values become the flags' defaults, and
+//! each is checked by the flag's own parser, so a value means the same in
+//! both places. Unknown keys and bad values are errors naming their line.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::config_error::ConfigError;
+
+/// One scalar (or, for repeatable flags, a list) as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Setting {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+    List(Vec<String>),
+}
+
+impl Setting {
+    fn values(&self) -> Vec<String> {
+        match self {
+            Self::Bool(b) => vec![b.to_string()],
+            Self::Int(i) => vec![i.to_string()],
+            Self::Float(f) => vec![f.to_string()],
+            Self::Text(s) => vec![s.clone()],
+            Self::List(items) => items.clone(),
+        }
+    }
+}
+
+/// Declares the file's top-level keys once: the struct, and the list the
+/// tests compare with `serve`'s flags (a new flag fails that test until it
+/// gets its key here).
+macro_rules! settings {
+    ($($key:ident),* $(,)?) => {
+        /// The parsed file.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct ConfigFile {
+            $(
+                #[serde(default)]
+                $key: Option<Spanned<Setting>>,
+            )*
+        }
+
+        impl ConfigFile {
+            /// Every `serve` setting the file can carry.
+            #[cfg(test)]
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($key)),*];
+
+            fn settings(&self) -> Vec<(&'static str, &Spanned<Setting>)> {
+                let mut out = Vec::new();
+                $(
+                    if let Some(setting) = &self.$key {
+                        out.push((stringify!($key), setting));
+                    }
+                )*
+                out
+            }
+        }
+    };
+}
+
+settings!(
+    listen,
+    admin_listen,
+    tls_cert,
+    tls_key,
+    plaintext,
+    allowlist,
+    proxy_protocol,
+    amqp_url,
+    exchange,
+    alternate_exchange,
+    no_declare,
+    confirm_timeout,
+    publish_channels,
+    webhook_path,
+    secret_file,
+    basic_auth_file,
+    insecure_no_auth,
+    timestamp_tolerance,
+    event_aliases,
+    spool_dir,
+    spool_max_bytes,
+    spool_max_events,
+    max_body,
+    header_timeout,
+    body_timeout,
+    request_timeout,
+    max_connections,
+    max_in_flight,
+    rate_limit_per_ip,
+    rate_limit_global,
+    rate_limit_burst,
+    dedup_window,
+    dedup_capacity,
+    shutdown_grace,
+    shutdown_deadline,
+    log_format,
+    dev,
+);
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(format!("config file {}: {e}", path.display())))?;
+        Self::parse(&text)
+            .map_err(|e| ConfigError::new(format!("config file {}: {e}", path.display())))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_saphyr::from_str(text).map_err(|e| ConfigError::new(format!("invalid YAML: {e}")))
+    }
+
+    /// Makes the file's settings the defaults of `command`'s flags, each
+    /// checked with the flag's own value parser.
+    pub fn apply(&self, mut command: clap::Command) -> Result<clap::Command, ConfigError> {
+        for (key, setting) in self.settings() {
+            let values = setting.value.values();
+            let line = setting.referenced.line();
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_id() == key)
+                .ok_or_else(|| {
+                    ConfigError::new(format!("line {line}: `{key}` is not a setting"))
+                })?;
+            let repeatable = matches!(arg.get_action(), clap::ArgAction::Append);
+            if matches!(setting.value, Setting::List(_)) && !repeatable {
+                return Err(ConfigError::new(format!(
+                    "line {line}: `{key}` takes one value, not a list"
+                )));
+            }
+            for value in &values {
+                check_value(arg, value)
+                    .map_err(|e| ConfigError::new(format!("line {line}: `{key}`: {e}")))?;
+            }
+            command = command.mut_arg(key, |a| a.default_values(values));
+        }
+        Ok(command)
+    }
+}
+
+/// Runs `value` through the flag's own parser (a one-flag command), so the
+/// file accepts exactly what the flag accepts.
+fn check_value(arg: &clap::Arg, value: &str) -> Result<(), String> {
+    if matches!(
+        arg.get_action(),
+        clap::ArgAction::SetTrue | clap::ArgAction::SetFalse
+    ) {
+        return value
+            .parse::<bool>()
+            .map(drop)
+            .map_err(|_| format!("{value:?} is not true or false"));
+    }
+    let long = arg
+        .get_long()
+        .ok_or_else(|| "not a named flag".to_owned())?;
+    clap::Command::new("config")
+        .no_binary_name(true)
+        .arg(arg.clone().required(false))
+        .try_get_matches_from([format!("--{long}={value}")])
+        .map(drop)
+        .map_err(|e| {
+            e.to_string()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ")
+                .to_owned()
+        })
+}
+
+/// Finds `--config PATH` (or `RELAY_CONFIG`) for `serve` and `check-config`
+/// before the flags are parsed, since the file supplies their defaults.
+pub fn find_config_arg(argv: &[std::ffi::OsString], env: Option<PathBuf>) -> Option<PathBuf> {
+    let sub = argv.get(1).and_then(|s| s.to_str())?;
+    if sub != "serve" && sub != "check-config" {
+        return None;
+    }
+    let mut args = argv.iter().skip(2);
+    while let Some(arg) = args.next() {
+        let Some(text) = arg.to_str() else { continue };
+        if text == "--" {
+            break;
+        }
+        if text == "--config" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(path) = text.strip_prefix("--config=") {
+            return Some(PathBuf::from(path));
+        }
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_serve_flag_has_a_key() {
+        let command = crate::Cli::command();
+        let serve = command
+            .get_subcommands()
+            .find(|c| c.get_name() == "serve")
+            .unwrap();
+        let mut flags: Vec<&str> = serve
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| !matches!(*id, "config" | "help"))
+            .collect();
+        flags.sort_unstable();
+        let mut keys = ConfigFile::KEYS.to_vec();
+        keys.sort_unstable();
+        assert_eq!(flags, keys);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_their_line() {
+        let err = ConfigFile::parse("listen: 127.0.0.1:8443\nlisten_adress: x\n").unwrap_err();
+        assert!(err.to_string().contains("listen_adress"), "{err}");
+        assert!(err.to_string().contains("line 2"), "{err}");
+        let file = ConfigFile::parse("plaintext: true\nconfirm_timeout: soon\n").unwrap();
+        let err = file.apply(serve_command()).unwrap_err();
+        assert!(
+            err.to_string().starts_with("line 2: `confirm_timeout`"),
+            "{err}"
+        );
+    }
+
+    fn serve_command() -> clap::Command {
+        crate::Cli::command()
+            .find_subcommand("serve")
+            .unwrap()
+            .clone()
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let file = ConfigFile::parse(include_str!("../relay.example.yaml")).unwrap();
+        assert!(file.settings().len() >= 5);
+        file.apply(serve_command()).unwrap();
+    }
+
+    #[test]
+    fn finds_the_config_flag_of_serve_only() {
+        let argv = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            find_config_arg(&argv(&["x", "serve", "--config", "r.yaml"]), None),
+            Some(PathBuf::from("r.yaml"))
+        );
+        assert_eq!(
+            find_config_arg(&argv(&["x", "check-config", "--config=r.yaml"]), None),
+            Some(PathBuf::from("r.yaml"))
+        );
+        assert_eq!(
+            find_config_arg(&argv(&["x", "tail"]), Some(PathBuf::from("e.yaml"))),
+            None
+        );
+        assert_eq!(
+            find_config_arg(&argv(&["x", "serve"]), Some(PathBuf::from("e.yaml"))),
+            Some(PathBuf::from("e.yaml"))
+        );
+    }
+}
