@@ -378,7 +378,7 @@ fn registered_url(url: &str, source: &SourceRef) -> anyhow::Result<String> {
     let line = text
         .lines()
         .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .find(|l| !l.is_empty() && !crate::auth::is_comment(l))
         .ok_or_else(|| anyhow!("{}: no credentials", path.display()))?;
     Ok(url.replacen("://", &format!("://{line}@"), 1))
 }
@@ -393,7 +393,7 @@ pub fn newest_secret(path: &std::path::Path) -> anyhow::Result<String> {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .find(|l| !l.is_empty() && !crate::auth::is_comment(l))
         .map(str::to_owned)
         .ok_or_else(|| anyhow!("{} holds no secret", path.display()))
 }

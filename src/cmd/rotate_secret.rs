@@ -436,7 +436,7 @@ impl SecretFile {
 
     fn is_secret(line: &str) -> bool {
         let line = line.trim();
-        !line.is_empty() && !line.starts_with('#')
+        !line.is_empty() && !crate::auth::is_comment(line)
     }
 
     /// Validated like the relay validates it.
@@ -678,7 +678,7 @@ mod tests {
     fn edits_keep_comments_and_put_the_new_secret_first() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secrets");
-        std::fs::write(&path, "# production\nold-secret-0123456789\n").unwrap();
+        std::fs::write(&path, "# production\n#old-secret-0123456789\n").unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
         let new = "new-secret-abcdefghijkl";
@@ -689,7 +689,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
-            "# production\nnew-secret-abcdefghijkl\nold-secret-0123456789\n"
+            "# production\nnew-secret-abcdefghijkl\n#old-secret-0123456789\n"
         );
         let fp = fingerprint(new.as_bytes());
         SecretFile::read(&path)
