@@ -343,24 +343,24 @@ impl Consumer {
     /// Handles one delivery; `Ok(true)` once `--max-messages` is reached.
     async fn on_message(&mut self, delivery: Delivery) -> lapin::Result<bool> {
         let properties = &delivery.properties;
-        let message_id = properties.message_id().as_ref().map(|s| s.to_string());
+        let message_id = properties
+            .message_id()
+            .as_ref()
+            .map(std::string::ToString::to_string);
         let routing_key = delivery.routing_key.to_string();
 
-        let body = match serde_json::from_slice::<Value>(&delivery.data) {
-            Ok(body @ Value::Object(_)) => body,
-            Ok(_) | Err(_) => {
-                log(format!(
-                    "poison message {} ({routing_key}): body is not a JSON object; dead-lettering it",
-                    message_id.as_deref().unwrap_or("-")
-                ));
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: false,
-                        ..BasicNackOptions::default()
-                    })
-                    .await?;
-                return Ok(false);
-            }
+        let Ok(body @ Value::Object(_)) = serde_json::from_slice::<Value>(&delivery.data) else {
+            log(format!(
+                "poison message {} ({routing_key}): body is not a JSON object; dead-lettering it",
+                message_id.as_deref().unwrap_or("-")
+            ));
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: false,
+                    ..BasicNackOptions::default()
+                })
+                .await?;
+            return Ok(false);
         };
 
         if let Some(id) = message_id.as_deref()

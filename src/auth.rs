@@ -341,9 +341,8 @@ impl AuthPolicy {
 /// HMAC-SHA256 over `{timestamp}.{id}.{body}`, as Ocrolus signs.
 pub fn sign(secret: &[u8], timestamp: &str, id: &str, body: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length; new_from_slice cannot fail for it.
-    let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
-        Ok(mac) => mac,
-        Err(_) => unreachable!("HMAC takes keys of any length"),
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        unreachable!("HMAC takes keys of any length")
     };
     mac.update(timestamp.as_bytes());
     mac.update(b".");

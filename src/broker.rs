@@ -195,9 +195,7 @@ impl Broker {
             match confirm.await {
                 Ok(Confirmation::Ack(None)) => Ok(()),
                 Ok(Confirmation::Ack(Some(_))) => Err(PublishError::Returned),
-                Ok(Confirmation::Nack(_)) | Ok(Confirmation::NotRequested) => {
-                    Err(PublishError::Nack)
-                }
+                Ok(Confirmation::Nack(_) | Confirmation::NotRequested) => Err(PublishError::Nack),
                 Err(_) => Err(PublishError::Disconnected),
             }
         })
@@ -209,7 +207,7 @@ impl Broker {
                 .confirm_duration
                 .observe(started.elapsed().as_secs_f64()),
             Err(PublishError::Timeout | PublishError::Disconnected) => {
-                self.report_broken(link.generation)
+                self.report_broken(link.generation);
             }
             Err(_) => {}
         }
@@ -469,6 +467,8 @@ async fn close(connection: Connection) {
 
 #[cfg(test)]
 mod tests {
+    use lapin::types::ShortString;
+
     use super::*;
 
     #[test]
@@ -494,8 +494,14 @@ mod tests {
         };
         let p = properties(&env);
         assert_eq!(p.delivery_mode(), &Some(2));
-        assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("req-1"));
-        assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some("book.verified"));
+        assert_eq!(
+            p.message_id().as_ref().map(ShortString::as_str),
+            Some("req-1")
+        );
+        assert_eq!(
+            p.kind().as_ref().map(ShortString::as_str),
+            Some("book.verified")
+        );
         assert_eq!(p.timestamp(), &Some(1_767_225_600));
         let headers = p.headers().as_ref().expect("headers");
         assert!(headers.inner().contains_key("x-ocrolus-event"));

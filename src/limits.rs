@@ -161,7 +161,7 @@ fn rate_key(ip: ClientIp) -> IpAddr {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);
             IpAddr::V6(bits.into())
         }
-        v4 => v4,
+        v4 @ IpAddr::V4(_) => v4,
     }
 }
 
@@ -198,7 +198,7 @@ mod tests {
         assert!(a.admit(ip("1.1.1.1")).is_ok());
         match a.admit(ip("1.1.1.1")) {
             Err(LimitReject::RateLimitedClient { retry_after_secs }) => {
-                assert!(retry_after_secs >= 1)
+                assert!(retry_after_secs >= 1);
             }
             other => panic!("expected per-client limit, got {:?}", other.map(|_| ())),
         }

@@ -57,7 +57,7 @@ impl LogThrottle {
         let mut windows = self
             .windows
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let last = windows.len() - 1;
         let window = &mut windows[key.min(last)];
         let expired = window

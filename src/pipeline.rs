@@ -138,7 +138,7 @@ pub async fn handle(
                     reason = answer.reason.as_str(),
                     status = answer.status.as_u16(),
                     latency_ms = latency.as_secs_f64() * 1000.0,
-                    delivery_id = claimed_id.as_ref().map(DeliveryId::as_str).unwrap_or("-"),
+                    delivery_id = claimed_id.as_ref().map_or("-", DeliveryId::as_str),
                     suppressed,
                     "webhook rejected"
                 );

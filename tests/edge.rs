@@ -25,9 +25,12 @@ const BODY_LATER: Duration = Duration::from_millis(50);
 
 fn opts(allow: &[&str], trusted: &[&str], extra: &[&str]) -> RelayOptions {
     RelayOptions {
-        allow: allow.iter().map(|s| s.to_string()).collect(),
-        trusted_proxies: trusted.iter().map(|s| s.to_string()).collect(),
-        extra: extra.iter().map(|s| s.to_string()).collect(),
+        allow: allow.iter().map(std::string::ToString::to_string).collect(),
+        trusted_proxies: trusted
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
+        extra: extra.iter().map(std::string::ToString::to_string).collect(),
         ..RelayOptions::default()
     }
 }
@@ -437,7 +440,7 @@ async fn keep_alive_clients_under_rate_limiting_see_no_transport_errors() {
                 .properties
                 .message_id()
                 .as_ref()
-                .map(|s| s.to_string())
+                .map(std::string::ToString::to_string)
         })
         .collect();
     for id in ok {

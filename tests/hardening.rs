@@ -32,9 +32,12 @@ const MARGIN: Duration = Duration::from_secs(4);
 
 fn opts(allow: &[&str], trusted: &[&str], extra: &[&str]) -> RelayOptions {
     RelayOptions {
-        allow: allow.iter().map(|s| s.to_string()).collect(),
-        trusted_proxies: trusted.iter().map(|s| s.to_string()).collect(),
-        extra: extra.iter().map(|s| s.to_string()).collect(),
+        allow: allow.iter().map(std::string::ToString::to_string).collect(),
+        trusted_proxies: trusted
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
+        extra: extra.iter().map(std::string::ToString::to_string).collect(),
         ..RelayOptions::default()
     }
 }
@@ -65,7 +68,7 @@ fn message_id(m: &lapin::message::BasicGetMessage) -> String {
         .properties
         .message_id()
         .as_ref()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .unwrap_or_default()
 }
 

@@ -26,7 +26,10 @@ const RELAXED_LIMITS: [&str; 8] = [
 ];
 
 fn relaxed() -> Vec<String> {
-    RELAXED_LIMITS.iter().map(|s| s.to_string()).collect()
+    RELAXED_LIMITS
+        .iter()
+        .map(std::string::ToString::to_string)
+        .collect()
 }
 
 /// `name{labels}` → value, for every sample line of a scrape.
@@ -334,7 +337,7 @@ async fn admin_endpoints_answer_on_the_admin_port_only() {
     let (status, headers, body) = get(&format!("http://{}/readyz", relay.admin)).await;
     assert_eq!(status, 200);
     assert_eq!(
-        headers.get("content-type").map(|v| v.as_bytes()),
+        headers.get("content-type").map(http::HeaderValue::as_bytes),
         Some(&b"application/json"[..])
     );
     let ready: serde_json::Value = serde_json::from_slice(&body).expect("readyz JSON");
@@ -696,7 +699,7 @@ fn metric_name_extraction() {
     );
     let expected: BTreeSet<String> = ["ocrolus_relay_requests_total", "ocrolus_relay_a_bucket"]
         .iter()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
     assert_eq!(names, expected);
 }

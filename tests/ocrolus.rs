@@ -118,7 +118,7 @@ async fn assert_ocrolus_accepted(fake: &FakeOcrolus, uuid: &str, when: &str) {
     );
 }
 
-async fn break_allowlist(relay: &TestRelay) -> Vec<u8> {
+fn break_allowlist(relay: &TestRelay) -> Vec<u8> {
     let path = relay.dir.path().join("allowlist.yaml");
     let good = std::fs::read(&path).unwrap();
     std::fs::write(&path, "allow: [not-an-address]\n").unwrap();
@@ -485,7 +485,7 @@ async fn rotate_secret_failed_reload_rolls_back() {
     let (relay, fake, uuid) = setup().await;
     let file = secret_file(&relay);
     let before = std::fs::read(&file).unwrap();
-    let good = break_allowlist(&relay).await;
+    let good = break_allowlist(&relay);
     let run = rotate(&relay, &fake, &file, &[]).await;
     assert!(!run.ok);
     assert!(run.stderr.contains("rejected the reload"), "{}", run.stderr);
@@ -578,7 +578,7 @@ async fn rotate_secret_failed_finish_keeps_both_then_finish_completes() {
     assert_eq!(relay_fingerprints(&relay).await.len(), 2);
     assert_ocrolus_accepted(&fake, &uuid, "after the deferred upload").await;
 
-    let good = break_allowlist(&relay).await;
+    let good = break_allowlist(&relay);
     let run = rotate(&relay, &fake, &file, &["--finish", "--grace", "0"]).await;
     assert!(!run.ok);
     assert!(run.stderr.contains("run --finish again"), "{}", run.stderr);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, ShortString};
 use ocrolus_relay::KNOWN_EVENTS;
 
 fn header(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
@@ -49,18 +49,21 @@ async fn every_known_event_is_published_once_with_exact_bytes() {
         assert_eq!(m.delivery.data, body.as_bytes(), "exact bytes");
         assert_eq!(p.delivery_mode(), &Some(2));
         assert_eq!(
-            p.message_id().as_ref().map(|s| s.as_str()),
+            p.message_id().as_ref().map(ShortString::as_str),
             Some(id.as_str())
         );
         assert_eq!(
-            p.content_type().as_ref().map(|s| s.as_str()),
+            p.content_type().as_ref().map(ShortString::as_str),
             Some("application/json")
         );
         assert_eq!(
-            p.app_id().as_ref().map(|s| s.as_str()),
+            p.app_id().as_ref().map(ShortString::as_str),
             Some("ocrolus-relay")
         );
-        assert_eq!(p.kind().as_ref().map(|s| s.as_str()), Some(name.as_str()));
+        assert_eq!(
+            p.kind().as_ref().map(ShortString::as_str),
+            Some(name.as_str())
+        );
         assert!(p.timestamp().is_some());
         assert_eq!(header(m, "x-ocrolus-event").as_deref(), Some(name.as_str()));
         assert_eq!(header(m, "x-relay-client-ip").as_deref(), Some("127.0.0.1"));
@@ -264,7 +267,7 @@ async fn bad_requests_get_their_status_and_publish_nothing() {
     let (status, answer_headers, _) = request("GET", &relay.url, &headers, Bytes::new()).await;
     assert_eq!(status, 405);
     assert_eq!(
-        answer_headers.get("allow").map(|v| v.as_bytes()),
+        answer_headers.get("allow").map(http::HeaderValue::as_bytes),
         Some(&b"POST"[..])
     );
     let wrong_path = relay.url.replace("/webhooks/ocrolus", "/webhooks/other");
@@ -330,7 +333,7 @@ async fn unroutable_event_without_alternate_exchange_is_not_200() {
     let relay = TestRelay::start(RelayOptions {
         extra: vec![
             "--alternate-exchange".into(),
-            "".into(),
+            String::new(),
             "--spool-max-events".into(),
             "0".into(),
         ],

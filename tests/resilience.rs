@@ -43,13 +43,13 @@ fn unthrottled() -> Vec<String> {
         "100000",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect()
 }
 
 fn flags(extra: &[&str]) -> Vec<String> {
     let mut f = unthrottled();
-    f.extend(extra.iter().map(|s| s.to_string()));
+    f.extend(extra.iter().map(std::string::ToString::to_string));
     f
 }
 

@@ -115,7 +115,10 @@ fn documented_examples_route_as_the_manifest_says() {
             .file_name()
             .to_string_lossy()
             .into_owned();
-        if name.ends_with(".json") && name != "manifest.json" {
+        let is_json = std::path::Path::new(&name)
+            .extension()
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("json"));
+        if is_json && name != "manifest.json" {
             assert!(listed.contains(&name), "{name} is not in manifest.json");
         }
     }

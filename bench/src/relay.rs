@@ -86,8 +86,10 @@ impl Target {
             _ => bail!("--url must be http:// or https://"),
         };
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let host_header =
-            HeaderValue::from_str(uri.authority().map(|a| a.as_str()).unwrap_or(host.as_str()))?;
+        let host_header = HeaderValue::from_str(
+            uri.authority()
+                .map_or(host.as_str(), http::uri::Authority::as_str),
+        )?;
         let tls = if https {
             let name = ServerName::try_from(host.clone())?;
             Some((tls_connector(ca_file)?, name))
@@ -156,7 +158,10 @@ pub async fn send_one(
     reconnects: &AtomicU64,
 ) -> Outcome {
     let attempt = async {
-        if sender.as_ref().is_none_or(|s| s.is_closed()) {
+        if sender
+            .as_ref()
+            .is_none_or(hyper::client::conn::http1::SendRequest::is_closed)
+        {
             if sender.is_some() {
                 reconnects.fetch_add(1, Ordering::Relaxed);
             }

@@ -348,7 +348,7 @@ impl Client {
         let url = format!(
             "{}://{}{}",
             uri.scheme_str().unwrap_or("https"),
-            uri.authority().map(|a| a.as_str()).unwrap_or(""),
+            uri.authority().map_or("", http::uri::Authority::as_str),
             uri.path()
         );
         let transport = |message: String| OcrolusError::Transport {
@@ -357,10 +357,13 @@ impl Client {
         };
         let mut request = Request::builder()
             .method(method)
-            .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .uri(
+                uri.path_and_query()
+                    .map_or("/", http::uri::PathAndQuery::as_str),
+            )
             .header(
                 header::HOST,
-                uri.authority().map(|a| a.as_str()).unwrap_or(""),
+                uri.authority().map_or("", http::uri::Authority::as_str),
             )
             .header(header::ACCEPT, "application/json")
             .header(

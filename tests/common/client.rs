@@ -146,7 +146,7 @@ pub async fn read_response<R: AsyncRead + Unpin>(reader: &mut R, within: Duratio
     while !response_complete(&buf) {
         match tokio::time::timeout_at(deadline, reader.read(&mut chunk)).await {
             Err(_) => break,
-            Ok(Ok(0)) | Ok(Err(_)) => {
+            Ok(Ok(0) | Err(_)) => {
                 closed = true;
                 break;
             }

@@ -74,7 +74,7 @@ pub fn serve_args(
         "--allowlist",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect();
     args.push(allowlist.display().to_string());
     if !serves_tls(opts) {
@@ -233,7 +233,7 @@ pub fn write_cert(dir: &Path) -> CertificateDer<'static> {
 }
 
 pub fn tls_relay_options(dir: &Path, extra: &[&str]) -> RelayOptions {
-    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let mut extra: Vec<String> = extra.iter().map(std::string::ToString::to_string).collect();
     extra.extend([
         "--tls-cert".into(),
         dir.join("cert.pem").display().to_string(),

@@ -129,7 +129,10 @@ impl FakeOcrolus {
             uuid: uuid.clone(),
             url: url.to_owned(),
             description: None,
-            events: events.iter().map(|e| e.to_string()).collect(),
+            events: events
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
             is_active: true,
             secret: secret.map(str::to_owned),
         });
@@ -199,7 +202,7 @@ impl FakeOcrolus {
         let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
         match &secret {
             Some(secret) => {
-                headers = common::signed_headers(secret, &id, common::now_secs(), raw.as_bytes())
+                headers = common::signed_headers(secret, &id, common::now_secs(), raw.as_bytes());
             }
             None => headers.push(("webhook-request-id".into(), id)),
         }
@@ -220,7 +223,7 @@ impl FakeOcrolus {
             .into_body()
             .collect()
             .await
-            .map(|b| b.to_bytes())
+            .map(http_body_util::Collected::to_bytes)
             .unwrap_or_default();
         let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
         self.state().calls.push(Call {
