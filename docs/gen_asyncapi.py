@@ -30,6 +30,18 @@ EXAMPLES_DIR = HERE / "examples"
 
 EXCHANGE = "ocrolus.events"
 UNROUTED = "ocrolus.events.unrouted"
+UNCLASSIFIED = "ocrolus.unclassified"
+# The x-relay-unclassified reasons (src/metrics/labels.rs, Unclassified).
+UNCLASSIFIED_REASONS: dict[str, str] = {
+    "not_an_object": "The body is JSON but not an object.",
+    "no_event": "An object with no string event_name/event and no string status.",
+    "unknown_status": "No event name, and a status that is not a known legacy status.",
+    "bad_event_name": "event_name/event has characters outside [A-Za-z0-9._-], is empty, longer than "
+                      "255 bytes, or starts with the relay's own prefix 'ocrolus.'.",
+    "number_out_of_range": "A number beyond the range of an IEEE 754 double (e.g. 1e400).",
+    "lone_surrogate": "A \\u escape that is an unpaired UTF-16 surrogate (e.g. \\ud800).",
+    "unreadable_fields": "A repeated event_name/event/status member, or nesting 127 levels or deeper.",
+}
 NAME_PATTERN = "^[A-Za-z0-9._-]{1,255}$"
 FAILED_STATUS_PATTERN = "^(REJECTED|.*_FAILED)$"
 
@@ -330,13 +342,28 @@ RELAY_HEADERS = {
     "type": "object",
     "title": "RelayHeaders",
     "description": "AMQP message headers (application headers table) set by the relay.",
-    "required": ["x-ocrolus-event", "x-relay-client-ip", "x-relay-received-at"],
+    "required": ["x-relay-client-ip", "x-relay-received-at"],
     "additionalProperties": True,
     "properties": {
         "x-ocrolus-event": {
             "type": "string",
             "description": "The event name as Ocrolus sent it (e.g. DOC_VERIFIED, book.verified), or, "
-                           "for a legacy status-only body, the status it came from (e.g. VERIFICATION_COMPLETE).",
+                           "for a legacy status-only body, the status it came from (e.g. VERIFICATION_COMPLETE). "
+                           "Absent on ocrolus.unclassified messages.",
+        },
+        "x-relay-unclassified": {
+            "type": "string",
+            "enum": list(UNCLASSIFIED_REASONS),
+            "description": "Only on ocrolus.unclassified messages: why the authentic JSON body could not be "
+                           "given an event routing key. " + " ".join(
+                               f"{k}: {v}" for k, v in UNCLASSIFIED_REASONS.items()),
+        },
+        "x-relay-dedup-conflict": {
+            "type": "string",
+            "description": "Only when no signature covered the Webhook-Request-Id (Basic-only setups) and "
+                           "that id was already delivered with a different body: the original id. This "
+                           "message has its own message_id ('<id> conflict:<16 hex digits of the body's "
+                           "SHA-256>') so that consumers de-duplicating on message_id keep it.",
         },
         "x-ocrolus-timestamp": {
             "type": "string",
@@ -441,6 +468,38 @@ def build() -> dict:
         "title": "Publish an unknown event",
         "bindings": ref("#/components/operationBindings/relayPublish"),
         "messages": [ref("#/channels/otherEvent/messages/otherEvent")],
+    }
+
+    # Authentic JSON the relay could not classify.
+    messages["unclassifiedEvent"] = {
+        "name": "unclassified",
+        "title": "Unclassified event",
+        "summary": "An authentic delivery whose JSON body names no event the relay can route.",
+        "description": "Once authentication has passed, every body that is JSON is published; only a body "
+                       "that is not JSON (not UTF-8, or not the JSON grammar) is refused with 400. A body "
+                       "that cannot be classified goes out under this fixed routing key with its exact "
+                       "bytes and the reason in x-relay-unclassified. Bodies with a lone-surrogate escape "
+                       "or a number beyond a double are JSON that strict parsers refuse: they come here "
+                       "too, never under an event's routing key.",
+        "contentType": "application/json",
+        "headers": ref("#/components/schemas/RelayHeaders"),
+        "payload": {"description": "The request body exactly as received: JSON, possibly not an object, "
+                                   "possibly not readable by strict parsers (see x-relay-unclassified)."},
+    }
+    channels["unclassifiedEvent"] = {
+        "address": UNCLASSIFIED,
+        "title": UNCLASSIFIED,
+        "summary": "Authentic JSON bodies the relay could not classify; the reason is in x-relay-unclassified.",
+        "servers": [ref("#/servers/local")],
+        "messages": {"unclassifiedEvent": ref("#/components/messages/unclassifiedEvent")},
+        "bindings": ref("#/components/channelBindings/ocrolusEvents"),
+    }
+    operations["publishUnclassifiedEvent"] = {
+        "action": "send",
+        "channel": ref("#/channels/unclassifiedEvent"),
+        "title": "Publish an unclassified event",
+        "bindings": ref("#/components/operationBindings/relayPublish"),
+        "messages": [ref("#/channels/unclassifiedEvent/messages/unclassifiedEvent")],
     }
 
     # The alternate exchange and its queue.

@@ -214,7 +214,14 @@ def main(argv: list[str]) -> int:
             and props.get("app_id", {}).get("value") == "ocrolus-relay", "x-ocrolus-amqp-properties")
     hdrs = doc["components"]["schemas"]["RelayHeaders"]["properties"]
     c.check(sorted(hdrs) == ["x-ocrolus-event", "x-ocrolus-timestamp", "x-relay-client-ip",
-                             "x-relay-received-at"], "RelayHeaders lists the four headers")
+                             "x-relay-dedup-conflict", "x-relay-received-at",
+                             "x-relay-unclassified"], "RelayHeaders lists the six headers")
+    c.check(hdrs.get("x-relay-unclassified", {}).get("enum")
+            == ["not_an_object", "no_event", "unknown_status", "bad_event_name",
+                "number_out_of_range", "lone_surrogate", "unreadable_fields"],
+            "x-relay-unclassified lists the reasons of src/metrics/labels.rs")
+    c.check(any(ch.get("address") == "ocrolus.unclassified"
+                for ch in doc["channels"].values()), "channel for ocrolus.unclassified")
 
     # JSON Schemas.
     registry = Registry().with_resource(DOC_URI, DRAFT7.create_resource(doc))

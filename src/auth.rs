@@ -280,6 +280,7 @@ impl AuthPolicy {
         };
         Ok(Verified(Delivery {
             id,
+            id_signed: !self.secrets.is_empty(),
             timestamp: timestamp.map(str::to_owned),
             body,
         }))
@@ -424,6 +425,9 @@ impl fmt::Display for DeliveryId {
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub id: DeliveryId,
+    /// True when the HMAC covered the id (`{timestamp}.{id}.{body}`): only
+    /// then may de-duplication trust the id alone.
+    pub id_signed: bool,
     /// `Webhook-Timestamp` as sent, when present.
     pub timestamp: Option<String>,
     pub body: Bytes,

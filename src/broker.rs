@@ -32,7 +32,7 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{BrokerConfig, redact_url};
-use crate::event::{Envelope, metric_label};
+use crate::event::{Envelope, UNCLASSIFIED_KEY, metric_label, unclassified_reason};
 use crate::metrics::Metrics;
 
 /// Heartbeat asked for when the URL names none: a dead peer is noticed in
@@ -408,7 +408,17 @@ pub fn properties(envelope: &Envelope) -> BasicProperties {
     let mut put = |name: &str, value: &str| {
         headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
     };
-    put("x-ocrolus-event", &envelope.event_name);
+    if !envelope.event_name.is_empty() {
+        put("x-ocrolus-event", &envelope.event_name);
+    }
+    if envelope.routing_key == UNCLASSIFIED_KEY {
+        if let Some(reason) = unclassified_reason(&envelope.body) {
+            put("x-relay-unclassified", reason.as_str());
+        }
+    }
+    if let Some(id) = envelope.dedup_conflict_of() {
+        put("x-relay-dedup-conflict", id);
+    }
     if let Some(ts) = &envelope.ocrolus_timestamp {
         put("x-ocrolus-timestamp", ts);
     }

@@ -6,6 +6,11 @@
 //! Each id is stored once (`Arc<str>`, shared by the map and the expiry
 //! queue): at the default capacity this is most of the relay's steady-state
 //! memory (BENCHMARKS.md).
+//!
+//! An id that no signature covers (Basic only) is remembered together with
+//! a digest of its body: the same id with another body is not a duplicate
+//! but a conflict, delivered as its own message, so that whoever can send
+//! ids cannot claim one in advance and suppress the real delivery.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,9 +29,17 @@ enum Entry {
 
 #[derive(Default)]
 struct Inner {
+    /// By key: the id, or `{id} {body digest}` for an unsigned id.
     entries: HashMap<Arc<str>, Entry>,
-    /// Done ids in the order they became safe, with their expiry.
+    /// Done keys in the order they became safe, with their expiry.
     order: VecDeque<(Instant, Arc<str>)>,
+    /// Entries per unsigned id, pending or done, whatever their digest.
+    unsigned_ids: HashMap<Box<str>, usize>,
+}
+
+/// The id part of a key (ids never contain a space).
+fn unsigned_id(key: &str) -> Option<&str> {
+    key.split_once(' ').map(|(id, _)| id)
 }
 
 pub struct Dedup {
@@ -39,6 +52,9 @@ pub struct Dedup {
 pub enum Claim {
     /// First of its kind: deliver it, then [`ClaimGuard::commit`].
     Fresh(ClaimGuard),
+    /// An unsigned id already known with another body: deliver it as its
+    /// own message, marked, then [`ClaimGuard::commit`].
+    Conflict(ClaimGuard),
     /// Already delivered safely within the window.
     Duplicate,
 }
@@ -60,28 +76,45 @@ impl Dedup {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub async fn claim(self: &Arc<Self>, id: &str) -> Claim {
+    /// Claims `id`; `body_digest` is given when no signature covers the id
+    /// (then a different body is a [`Claim::Conflict`], not a duplicate).
+    pub async fn claim(self: &Arc<Self>, id: &str, body_digest: Option<&[u8; 32]>) -> Claim {
         if !self.enabled() {
             return Claim::Fresh(ClaimGuard {
                 dedup: None,
                 id: Arc::from(""),
             });
         }
+        let key: Arc<str> = match body_digest {
+            Some(digest) => Arc::from(format!("{id} {}", hex::encode(digest))),
+            None => Arc::from(id),
+        };
         loop {
             let mut outcome = {
                 let mut inner = self.lock();
                 inner.expire(Instant::now(), self.capacity);
-                match inner.entries.get(id) {
+                match inner.entries.get(&*key) {
                     Some(Entry::Done(_)) => return Claim::Duplicate,
                     Some(Entry::Pending(tx)) => tx.subscribe(),
                     None => {
                         let (tx, _) = watch::channel(None);
-                        let id: Arc<str> = Arc::from(id);
-                        inner.entries.insert(id.clone(), Entry::Pending(tx));
-                        return Claim::Fresh(ClaimGuard {
+                        inner.entries.insert(key.clone(), Entry::Pending(tx));
+                        let guard = ClaimGuard {
                             dedup: Some(self.clone()),
-                            id,
-                        });
+                            id: key,
+                        };
+                        return match unsigned_id(&guard.id) {
+                            Some(id) => {
+                                let known = inner.unsigned_ids.entry(id.into()).or_insert(0);
+                                *known += 1;
+                                if *known > 1 {
+                                    Claim::Conflict(guard)
+                                } else {
+                                    Claim::Fresh(guard)
+                                }
+                            }
+                            None => Claim::Fresh(guard),
+                        };
                     }
                 }
             };
@@ -92,8 +125,9 @@ impl Dedup {
     }
 
     /// Marks an id safe without a delivery (ids found in the spool at start).
+    /// Ids with a space are the relay's own conflict ids, never claimed.
     pub fn remember(&self, id: &str) {
-        if self.enabled() {
+        if self.enabled() && !id.contains(' ') {
             self.lock()
                 .mark_done(&Arc::from(id), Instant::now() + self.window, self.capacity);
         }
@@ -112,12 +146,26 @@ impl Inner {
             if *expires > now && !over {
                 break;
             }
-            if let Some(Entry::Done(at)) = self.entries.get(&**id) {
-                if at == expires {
-                    self.entries.remove(&**id);
+            let (expires, id) = (*expires, id.clone());
+            if let Some(Entry::Done(at)) = self.entries.get(&*id) {
+                if *at == expires {
+                    self.entries.remove(&*id);
+                    self.forget_unsigned(&id);
                 }
             }
             self.order.pop_front();
+        }
+    }
+
+    /// One entry of an unsigned id is gone.
+    fn forget_unsigned(&mut self, key: &str) {
+        if let Some(id) = unsigned_id(key) {
+            if let Some(known) = self.unsigned_ids.get_mut(id) {
+                *known -= 1;
+                if *known == 0 {
+                    self.unsigned_ids.remove(id);
+                }
+            }
         }
     }
 
@@ -153,6 +201,7 @@ impl Drop for ClaimGuard {
             let mut inner = dedup.lock();
             if let Some(Entry::Pending(tx)) = inner.entries.remove(&*self.id) {
                 tx.send_replace(Some(false));
+                inner.forget_unsigned(&self.id);
             }
         }
     }
@@ -172,32 +221,33 @@ mod tests {
     #[tokio::test]
     async fn committed_id_is_a_duplicate() {
         let d = dedup(60_000, 10);
-        let Claim::Fresh(g) = d.claim("a").await else {
+        let Claim::Fresh(g) = d.claim("a", None).await else {
             panic!("first claim")
         };
         g.commit();
-        assert!(matches!(d.claim("a").await, Claim::Duplicate));
-        assert!(matches!(d.claim("b").await, Claim::Fresh(_)));
+        assert!(matches!(d.claim("a", None).await, Claim::Duplicate));
+        assert!(matches!(d.claim("b", None).await, Claim::Fresh(_)));
     }
 
     #[tokio::test]
     async fn failed_delivery_does_not_block_a_retry() {
         let d = dedup(60_000, 10);
-        let Claim::Fresh(g) = d.claim("a").await else {
+        let Claim::Fresh(g) = d.claim("a", None).await else {
             panic!("first claim")
         };
         drop(g);
-        assert!(matches!(d.claim("a").await, Claim::Fresh(_)));
+        assert!(matches!(d.claim("a", None).await, Claim::Fresh(_)));
     }
 
     #[tokio::test]
     async fn concurrent_twin_waits_for_the_outcome() {
         let d = dedup(60_000, 10);
-        let Claim::Fresh(g) = d.claim("a").await else {
+        let Claim::Fresh(g) = d.claim("a", None).await else {
             panic!("first claim")
         };
         let d2 = d.clone();
-        let twin = tokio::spawn(async move { matches!(d2.claim("a").await, Claim::Duplicate) });
+        let twin =
+            tokio::spawn(async move { matches!(d2.claim("a", None).await, Claim::Duplicate) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(
             !twin.is_finished(),
@@ -210,17 +260,17 @@ mod tests {
     #[tokio::test]
     async fn concurrent_twin_takes_over_after_failure() {
         let d = dedup(60_000, 10);
-        let Claim::Fresh(g) = d.claim("a").await else {
+        let Claim::Fresh(g) = d.claim("a", None).await else {
             panic!("first claim")
         };
         let d2 = d.clone();
         let twin = tokio::spawn(async move {
-            match d2.claim("a").await {
+            match d2.claim("a", None).await {
                 Claim::Fresh(g) => {
                     g.commit();
                     true
                 }
-                Claim::Duplicate => false,
+                Claim::Conflict(_) | Claim::Duplicate => false,
             }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -235,9 +285,9 @@ mod tests {
     async fn window_expires() {
         let d = dedup(30, 10);
         d.remember("a");
-        assert!(matches!(d.claim("a").await, Claim::Duplicate));
+        assert!(matches!(d.claim("a", None).await, Claim::Duplicate));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(matches!(d.claim("a").await, Claim::Fresh(_)));
+        assert!(matches!(d.claim("a", None).await, Claim::Fresh(_)));
     }
 
     #[tokio::test]
@@ -247,16 +297,49 @@ mod tests {
             d.remember(&format!("id-{i}"));
         }
         assert!(d.len() <= 100, "{} entries kept", d.len());
-        assert!(matches!(d.claim("id-999").await, Claim::Duplicate));
+        assert!(matches!(d.claim("id-999", None).await, Claim::Duplicate));
+    }
+
+    #[tokio::test]
+    async fn unsigned_id_with_another_body_is_a_conflict() {
+        let d = dedup(60_000, 10);
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let Claim::Fresh(g) = d.claim("id", Some(&a)).await else {
+            panic!("first claim")
+        };
+        g.commit();
+        assert!(matches!(d.claim("id", Some(&a)).await, Claim::Duplicate));
+        let Claim::Conflict(g) = d.claim("id", Some(&b)).await else {
+            panic!("another body")
+        };
+        g.commit();
+        assert!(matches!(d.claim("id", Some(&b)).await, Claim::Duplicate));
+        // A signed id is trusted alone.
+        assert!(matches!(d.claim("id", None).await, Claim::Fresh(_)));
+    }
+
+    #[tokio::test]
+    async fn failed_conflict_is_forgotten() {
+        let d = dedup(60_000, 10);
+        let Claim::Fresh(g) = d.claim("id", Some(&[1; 32])).await else {
+            panic!("first claim")
+        };
+        drop(g);
+        let Claim::Fresh(g) = d.claim("id", Some(&[2; 32])).await else {
+            panic!("the failed body left nothing behind")
+        };
+        assert_eq!(d.lock().unsigned_ids.get("id"), Some(&1));
+        drop(g);
+        assert!(d.lock().unsigned_ids.is_empty());
     }
 
     #[tokio::test]
     async fn zero_window_disables() {
         let d = dedup(0, 10);
-        let Claim::Fresh(g) = d.claim("a").await else {
+        let Claim::Fresh(g) = d.claim("a", None).await else {
             panic!("claim")
         };
         g.commit();
-        assert!(matches!(d.claim("a").await, Claim::Fresh(_)));
+        assert!(matches!(d.claim("a", None).await, Claim::Fresh(_)));
     }
 }

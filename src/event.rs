@@ -15,6 +15,15 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{Delivery, Verified};
 use crate::client::ClientIp;
 use crate::config_error::ConfigError;
+use crate::metrics::Unclassified;
+
+mod json;
+
+/// Routing key of authentic JSON bodies that name no routable event.
+pub const UNCLASSIFIED_KEY: &str = "ocrolus.unclassified";
+
+/// Event names and alias keys may not start with this: the relay's own keys.
+const RESERVED_PREFIX: &str = "ocrolus.";
 
 /// Organization-level event names Ocrolus documents, sorted.
 pub const KNOWN_EVENTS: [&str; 27] = [
@@ -112,6 +121,11 @@ impl EventTable {
                     "--event-alias {alias:?}: names are [A-Za-z0-9._-], at most 255 bytes"
                 )));
             }
+            if key.starts_with(RESERVED_PREFIX) {
+                return Err(ConfigError::new(format!(
+                    "--event-alias {alias:?}: routing keys starting with {RESERVED_PREFIX:?} are the relay's own"
+                )));
+            }
             table
                 .account_level
                 .insert(name.to_owned(), AccountLevel::Fixed(key.to_owned()));
@@ -119,44 +133,107 @@ impl EventTable {
         Ok(table)
     }
 
-    /// Step 9: resolve a verified body to its event.
+    /// Step 9: resolve a verified body to its event. Only a body that is
+    /// not JSON at all is an error; JSON that cannot be classified goes out
+    /// under [`UNCLASSIFIED_KEY`] with its reason, never refused.
     pub fn resolve(&self, body: &[u8]) -> Result<Event, EventError> {
-        let probe = Probe::parse(body)?;
-        let status = probe.status.as_deref();
-        if let Some(name) = probe.event_name.or(probe.event) {
-            if !is_well_formed(&name) {
-                return Err(EventError::BadName);
+        let fields = match read(body)? {
+            Ok(fields) => fields,
+            Err(reason) => {
+                return Ok(Event {
+                    routing_key: UNCLASSIFIED_KEY.to_owned(),
+                    name_as_sent: String::new(),
+                    unclassified: Some(reason),
+                });
             }
-            let routing_key = if is_known(&name) {
-                name.to_string()
-            } else {
-                match self.account_level.get(name.as_ref()) {
-                    Some(AccountLevel::Fixed(key)) => key.clone(),
-                    Some(AccountLevel::ByStatus { succeeded, failed }) => {
-                        if status.is_some_and(is_failed_status) {
-                            failed.clone()
-                        } else {
-                            succeeded.clone()
-                        }
+        };
+        let routing_key = match &fields {
+            Fields::Name(name) if is_known(name) => name.clone(),
+            Fields::Name(name) => match self.account_level.get(name.as_str()) {
+                Some(AccountLevel::Fixed(key)) => key.clone(),
+                Some(AccountLevel::ByStatus { succeeded, failed }) => {
+                    if read_status(body).as_deref().is_some_and(is_failed_status) {
+                        failed.clone()
+                    } else {
+                        succeeded.clone()
                     }
-                    None => name.to_string(),
                 }
-            };
-            return Ok(Event {
-                routing_key,
-                name_as_sent: name.into_owned(),
-            });
-        }
-        let status = status.ok_or(EventError::NoEvent)?;
-        LEGACY_STATUS_MAP
-            .iter()
-            .find(|(legacy, _)| *legacy == status)
-            .map(|(legacy, key)| Event {
-                routing_key: (*key).to_owned(),
-                name_as_sent: (*legacy).to_owned(),
-            })
-            .ok_or(EventError::NoEvent)
+                None => name.clone(),
+            },
+            Fields::LegacyStatus(key, _) => (*key).to_owned(),
+        };
+        let name_as_sent = match fields {
+            Fields::Name(name) => name,
+            Fields::LegacyStatus(_, status) => status.to_owned(),
+        };
+        Ok(Event {
+            routing_key,
+            name_as_sent,
+            unclassified: None,
+        })
     }
+}
+
+/// Why an authentic JSON body goes out unclassified, worked out again from
+/// the body alone (the publisher sets the header from it, so a spooled
+/// event needs nothing extra stored).
+pub fn unclassified_reason(body: &[u8]) -> Option<Unclassified> {
+    read(body).ok()?.err()
+}
+
+/// What names the event: an event name, or a known legacy status (its
+/// routing key and the status as sent).
+enum Fields {
+    Name(String),
+    LegacyStatus(&'static str, &'static str),
+}
+
+/// Step 9's reading of a body: `Err` if it is not JSON; `Ok(Err)` if it is
+/// JSON that names no event the relay can route.
+fn read(body: &[u8]) -> Result<Result<Fields, Unclassified>, EventError> {
+    let text = std::str::from_utf8(body).map_err(|_| EventError::InvalidJson)?;
+    let found = json::scan(text).ok_or(EventError::InvalidJson)?;
+    Ok(classify(body, found))
+}
+
+fn classify(body: &[u8], found: json::Findings) -> Result<Fields, Unclassified> {
+    // Strict parsers refuse these; subscribers of the event keys never get them.
+    if found.lone_surrogate {
+        return Err(Unclassified::LoneSurrogate);
+    }
+    if found.number_out_of_range {
+        return Err(Unclassified::NumberOutOfRange);
+    }
+    if found.too_deep {
+        return Err(Unclassified::UnreadableFields);
+    }
+    // serde would also accept a JSON array for a struct; Ocrolus sends objects.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Unclassified::NotAnObject);
+    }
+    // The grammar and depth are checked, so this fails only on what serde
+    // refuses beyond them: a repeated event field.
+    let probe: Probe = serde_json::from_slice(body).map_err(|_| Unclassified::UnreadableFields)?;
+    if let Some(name) = probe.event_name.or(probe.event) {
+        if !is_well_formed(&name) || name.starts_with(RESERVED_PREFIX) {
+            return Err(Unclassified::BadEventName);
+        }
+        return Ok(Fields::Name(name.into_owned()));
+    }
+    let status = probe.status.ok_or(Unclassified::NoEvent)?;
+    LEGACY_STATUS_MAP
+        .iter()
+        .find(|(legacy, _)| *legacy == status)
+        .map(|(legacy, key)| Fields::LegacyStatus(key, legacy))
+        .ok_or(Unclassified::UnknownStatus)
+}
+
+/// The `status` field of a body already read by [`read`].
+fn read_status(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Probe>(body)
+        .ok()?
+        .status
+        .map(Cow::into_owned)
 }
 
 /// `REJECTED` or any `*_FAILED` status means the failed twin.
@@ -185,8 +262,8 @@ pub fn is_well_formed(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The few fields resolution looks at; everything else is skipped unparsed
-/// (but the whole body must still be valid JSON).
+/// The few fields resolution looks at; everything else is skipped (the
+/// grammar of the whole body is checked first, by [`json::scan`]).
 #[derive(Deserialize)]
 struct Probe<'a> {
     #[serde(borrow, default, deserialize_with = "string_or_none")]
@@ -195,80 +272,6 @@ struct Probe<'a> {
     event: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "string_or_none")]
     status: Option<Cow<'a, str>>,
-}
-
-impl<'a> Probe<'a> {
-    fn parse(body: &'a [u8]) -> Result<Self, EventError> {
-        // serde would also accept a JSON array for a struct; Ocrolus sends objects.
-        let first = body.iter().find(|b| !b.is_ascii_whitespace());
-        if first != Some(&b'{') {
-            return Err(if serde_json::from_slice::<Checked>(body).is_ok() {
-                EventError::NotAnObject
-            } else {
-                EventError::InvalidJson
-            });
-        }
-        // The derived Probe skips other fields with `IgnoredAny`, which does
-        // not decode strings: invalid UTF-8 or a lone surrogate escape in an
-        // ignored string would pass, and be published as "JSON" that strict
-        // consumers cannot parse (found by fuzz/fuzz_event, docs/fuzzing.md).
-        serde_json::from_slice::<Checked>(body).map_err(|_| EventError::InvalidJson)?;
-        serde_json::from_slice(body).map_err(|_| EventError::InvalidJson)
-    }
-}
-
-/// Any JSON value, walked to the end with every string (keys too) decoded,
-/// so invalid UTF-8 and lone surrogates are errors; nothing is kept.
-struct Checked;
-
-impl<'de> Deserialize<'de> for Checked {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(CheckedVisitor)
-    }
-}
-
-struct CheckedVisitor;
-
-impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
-    type Value = Checked;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-
-    fn visit_unit<E>(self) -> Result<Checked, E> {
-        Ok(Checked)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
-        while seq.next_element::<Checked>()?.is_some() {}
-        Ok(Checked)
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
-        while map.next_entry::<Checked, Checked>()?.is_some() {}
-        Ok(Checked)
-    }
 }
 
 /// Non-string values (numbers, null, objects) count as absent.
@@ -288,25 +291,23 @@ where
     })
 }
 
-/// Why a body is not a usable event (400).
+/// Why a body is refused (400): it is not JSON (not UTF-8, or not the
+/// grammar). Everything else that is JSON is published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
-    #[error("body is not valid JSON")]
+    #[error("body is not JSON")]
     InvalidJson,
-    #[error("body is not a JSON object")]
-    NotAnObject,
-    #[error("no event_name/event and no known legacy status")]
-    NoEvent,
-    #[error("event name has characters outside [A-Za-z0-9._-] or is too long")]
-    BadName,
 }
 
 /// A resolved event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub routing_key: String,
-    /// The name as sent, or the legacy status it was derived from.
+    /// The name as sent, or the legacy status it was derived from; empty
+    /// when unclassified.
     pub name_as_sent: String,
+    /// Set when the routing key is [`UNCLASSIFIED_KEY`].
+    pub unclassified: Option<Unclassified>,
 }
 
 /// One outgoing message: exactly what is published, and what the spool keeps
@@ -341,7 +342,27 @@ impl Envelope {
             body: delivery.body,
         }
     }
+
+    /// Makes this the message for a body whose unsigned id was already
+    /// delivered with another body: its own `message_id` (subscribers
+    /// de-duplicating on it keep both), `{id} conflict:{digest}`. Ids never
+    /// contain a space, so no sender can forge the form; the original id
+    /// goes into `x-relay-dedup-conflict` ([`Envelope::dedup_conflict_of`]).
+    pub fn mark_dedup_conflict(&mut self, body_digest: &[u8; 32]) {
+        let suffix = format!("{CONFLICT_MARK}{}", hex::encode(&body_digest[..8]));
+        // An AMQP message_id is at most 255 bytes; ids are ASCII.
+        let keep = self.id.len().min(255 - suffix.len());
+        self.id = format!("{}{suffix}", &self.id[..keep]);
+    }
+
+    /// The original id when this is a de-duplication conflict.
+    pub fn dedup_conflict_of(&self) -> Option<&str> {
+        self.id.split_once(CONFLICT_MARK).map(|(id, _)| id)
+    }
 }
+
+/// Separates the original id from the digest in a conflict's message id.
+const CONFLICT_MARK: &str = " conflict:";
 
 #[cfg(test)]
 mod tests;

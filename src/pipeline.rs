@@ -13,6 +13,7 @@ use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
 use tracing::info;
 
 use crate::auth::{DeliveryId, REQUEST_ID_HEADER};
@@ -243,12 +244,23 @@ async fn deliver(
         .auth
         .verify(&parts.headers, body, received_at_ms / 1000)?;
 
-    // 9. Event and routing key.
+    // 9. Event and routing key; JSON that names no routable event goes out
+    // unclassified, never refused.
     let event = state.config.events.resolve(&verified.get().body)?;
-    let envelope = Envelope::new(verified, event, client, received_at_ms);
+    if let Some(reason) = event.unclassified {
+        state
+            .metrics
+            .unclassified
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+    // An id no signature covers is trusted only together with its body.
+    let digest: Option<[u8; 32]> =
+        (!verified.get().id_signed).then(|| Sha256::digest(&verified.get().body).into());
+    let mut envelope = Envelope::new(verified, event, client, received_at_ms);
 
     // 10. De-duplicate: a twin in flight waits for this one's outcome.
-    let claim = match state.dedup.claim(&envelope.id).await {
+    let claim = match state.dedup.claim(&envelope.id, digest.as_ref()).await {
         Claim::Duplicate => {
             return Ok(Accepted {
                 id: envelope.id,
@@ -256,6 +268,13 @@ async fn deliver(
             });
         }
         Claim::Fresh(claim) => claim,
+        Claim::Conflict(claim) => {
+            state.metrics.dedup_conflicts.inc();
+            if let Some(digest) = &digest {
+                envelope.mark_dedup_conflict(digest);
+            }
+            claim
+        }
     };
 
     // 11-12. Publish with confirm, or spool (fsync).

@@ -179,9 +179,6 @@ fn auth_reason(e: AuthError) -> Reason {
 fn event_reason(e: EventError) -> Reason {
     match e {
         EventError::InvalidJson => Reason::InvalidJson,
-        EventError::NotAnObject => Reason::NotAnObject,
-        EventError::NoEvent => Reason::NoEvent,
-        EventError::BadName => Reason::BadEventName,
     }
 }
 
@@ -293,10 +290,10 @@ mod tests {
                 None,
             ),
             (
-                EventError::BadName.into(),
+                EventError::InvalidJson.into(),
                 400,
                 "bad_request",
-                "bad_event_name",
+                "invalid_json",
                 None,
             ),
             (

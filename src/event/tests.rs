@@ -86,35 +86,77 @@ fn unknown_well_formed_names_are_kept() {
     );
 }
 
+fn reason(body: &str) -> Option<Unclassified> {
+    let e = resolve(body).expect(body);
+    assert_eq!(
+        e.routing_key == UNCLASSIFIED_KEY,
+        e.unclassified.is_some(),
+        "{body}"
+    );
+    assert_eq!(
+        e.unclassified,
+        unclassified_reason(body.as_bytes()),
+        "{body}"
+    );
+    e.unclassified
+}
+
 #[test]
-fn unusable_bodies_are_rejected() {
-    assert_eq!(resolve("{not json"), Err(EventError::InvalidJson));
-    assert_eq!(resolve(""), Err(EventError::InvalidJson));
-    assert_eq!(
-        resolve(r#"["book.verified"]"#),
-        Err(EventError::NotAnObject)
-    );
-    assert_eq!(resolve("42"), Err(EventError::NotAnObject));
-    assert_eq!(resolve(r#"{"book_uuid":"x"}"#), Err(EventError::NoEvent));
-    assert_eq!(
-        resolve(r#"{"status":"SOMETHING"}"#),
-        Err(EventError::NoEvent)
-    );
-    assert_eq!(
-        resolve(r#"{"event_name":"bad name!"}"#),
-        Err(EventError::BadName)
-    );
-    assert_eq!(
-        resolve(r#"{"event_name":"book.*"}"#),
-        Err(EventError::BadName)
-    );
-    assert_eq!(resolve(r#"{"event_name":""}"#), Err(EventError::BadName));
+fn only_bodies_that_are_not_json_are_refused() {
+    for body in [
+        "{not json",
+        "",
+        r#"{"event_name":"book.verified"} trailing"#,
+        r#"{"a":01}"#,
+    ] {
+        assert_eq!(resolve(body), Err(EventError::InvalidJson), "{body}");
+    }
+}
+
+/// Issue 12: an authentic body was refused with 400 for its content (and
+/// lost after Ocrolus' 3 retries); now it is published unclassified.
+#[test]
+fn unclassifiable_json_resolves_to_unclassified_with_a_reason() {
+    use Unclassified as U;
     let long = format!(r#"{{"event_name":"{}"}}"#, "a".repeat(256));
-    assert_eq!(resolve(&long), Err(EventError::BadName));
-    assert_eq!(
-        resolve(r#"{"event_name":"book.verified"} trailing"#),
-        Err(EventError::InvalidJson)
+    let cases = [
+        (r#"["book.verified"]"#, U::NotAnObject),
+        ("42", U::NotAnObject),
+        (r#"{"book_uuid":"x"}"#, U::NoEvent),
+        (r#"{"status":"SOMETHING"}"#, U::UnknownStatus),
+        (r#"{"event_name":"bad name!"}"#, U::BadEventName),
+        (r#"{"event_name":"book.*"}"#, U::BadEventName),
+        (r#"{"event_name":""}"#, U::BadEventName),
+        (long.as_str(), U::BadEventName),
+        (r#"{"event_name":"ocrolus.unclassified"}"#, U::BadEventName),
+        (
+            r#"{"event_name":"book.verified","n":1e400}"#,
+            U::NumberOutOfRange,
+        ),
+        (
+            r#"{"event_name":"book.verified","n":-1e309}"#,
+            U::NumberOutOfRange,
+        ),
+        (
+            r#"{"event_name":"book.verified","x":"\ud800"}"#,
+            U::LoneSurrogate,
+        ),
+        (
+            r#"{"event_name":"book.verified","event_name":"book.completed"}"#,
+            U::UnreadableFields,
+        ),
+    ];
+    for (body, expected) in cases {
+        assert_eq!(reason(body), Some(expected), "{body}");
+    }
+    let deep = format!(
+        r#"{{"event_name":"book.verified","x":{}{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
     );
+    // Strict consumers could not read it, whatever field it is in.
+    assert_eq!(reason(&deep), Some(U::UnreadableFields));
+    assert_eq!(reason(r#"{"event_name":"book.verified"}"#), None);
 }
 
 #[test]
@@ -147,10 +189,11 @@ fn aliases_extend_the_table() {
 }
 
 #[test]
-fn invalid_text_in_an_ignored_string_is_invalid_json() {
+fn invalid_text_is_refused_and_lone_surrogates_are_unclassified() {
     // fuzz/fuzz_event (docs/fuzzing.md): fields other than event_name, event
-    // and status were skipped without decoding, so a body with invalid UTF-8
-    // or a lone surrogate in such a string resolved and would be published.
+    // and status were skipped without decoding. Invalid UTF-8 is not JSON
+    // text (RFC 8259 8.1): refused. A lone surrogate escape is JSON, but
+    // strict parsers refuse it: it never goes out under an event's key.
     let mut body = br#"{"event_name":"book.verified","book_uuid":"940cd2ca-"#.to_vec();
     body.extend([0xd0, 0xd0, b'"', b'}']);
     assert_eq!(
@@ -161,11 +204,14 @@ fn invalid_text_in_an_ignored_string_is_invalid_json() {
         r#"{"event_name":"book.verified","note":"\ud800"}"#,
         r#"{"event_name":"book.verified","\udc00":1}"#,
         r#"{"event_name":"book.verified","a":[{"b":"\udbff\u0041"}]}"#,
+        r#"["\ud800"]"#,
     ] {
-        assert_eq!(resolve(body), Err(EventError::InvalidJson), "{body}");
+        assert_eq!(reason(body), Some(Unclassified::LoneSurrogate), "{body}");
     }
-    assert_eq!(resolve(r#"["\ud800"]"#), Err(EventError::InvalidJson));
-    assert_eq!(resolve(r#"["\ud83d\ude00"]"#), Err(EventError::NotAnObject));
+    assert_eq!(
+        reason(r#"["\ud83d\ude00"]"#),
+        Some(Unclassified::NotAnObject)
+    );
     // Valid escapes and non-ASCII text elsewhere still resolve.
     assert_eq!(
         key(r#"{"event_name":"book.verified","n":"\ud83d\ude00 é","x":[1,-2.5e3,null,true,{}]}"#),

@@ -71,9 +71,6 @@ label_values! {
         MissingCredentials => "missing_credentials",
         BadCredentials => "bad_credentials",
         InvalidJson => "invalid_json",
-        NotAnObject => "not_an_object",
-        NoEvent => "no_event",
-        BadEventName => "bad_event_name",
         SpoolFull => "spool_full",
         SpoolFailed => "spool_failed",
         RequestDeadline => "request_deadline",
@@ -81,6 +78,21 @@ label_values! {
         BadProxyHeader => "bad_proxy_header",
         ProxyHeaderTimeout => "proxy_header_timeout",
         HeaderTimeout => "header_timeout",
+    }
+}
+
+label_values! {
+    /// `reason` of `unclassified_total` and the `x-relay-unclassified`
+    /// header: why an authentic JSON body went out under
+    /// `ocrolus.unclassified` instead of an event's routing key.
+    Unclassified {
+        NotAnObject => "not_an_object",
+        NoEvent => "no_event",
+        UnknownStatus => "unknown_status",
+        BadEventName => "bad_event_name",
+        NumberOutOfRange => "number_out_of_range",
+        LoneSurrogate => "lone_surrogate",
+        UnreadableFields => "unreadable_fields",
     }
 }
 
@@ -114,5 +126,6 @@ mod tests {
         distinct_snake_case(Outcome::ALL.iter().map(|o| o.as_str()));
         distinct_snake_case(Reason::ALL.iter().map(|r| r.as_str()));
         distinct_snake_case(ReloadResult::ALL.iter().map(|r| r.as_str()));
+        distinct_snake_case(Unclassified::ALL.iter().map(|r| r.as_str()));
     }
 }

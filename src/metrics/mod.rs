@@ -9,7 +9,7 @@ use prometheus::{
 
 mod labels;
 
-pub use labels::{Outcome, Reason, ReloadResult};
+pub use labels::{Outcome, Reason, ReloadResult, Unclassified};
 
 const PREFIX: &str = "ocrolus_relay";
 
@@ -21,6 +21,8 @@ pub struct Metrics {
     pub events_published: IntCounterVec,
     pub confirm_duration: Histogram,
     pub publish_failures: IntCounterVec,
+    pub unclassified: IntCounterVec,
+    pub dedup_conflicts: IntCounter,
     pub broker_up: IntGauge,
     pub broker_blocked: IntGauge,
     pub broker_reconnects: IntCounter,
@@ -87,6 +89,17 @@ impl Metrics {
                 "Publishes that were not confirmed, by reason.",
                 &["reason"],
             ),
+            unclassified: counter_vec(
+                r,
+                "unclassified_total",
+                "Authentic JSON bodies published under ocrolus.unclassified, by reason.",
+                &["reason"],
+            ),
+            dedup_conflicts: counter(
+                r,
+                "dedup_conflicts_total",
+                "Deliveries whose unsigned id was known with another body; published as their own message.",
+            ),
             broker_up: gauge(
                 r,
                 "broker_up",
@@ -150,6 +163,9 @@ impl Metrics {
         }
         for reason in Reason::ALL {
             m.rejections.with_label_values(&[reason.as_str()]);
+        }
+        for reason in Unclassified::ALL {
+            m.unclassified.with_label_values(&[reason.as_str()]);
         }
         for result in ReloadResult::ALL {
             m.config_reloads.with_label_values(&[result.as_str()]);
