@@ -114,6 +114,7 @@ want_queues = {
     # argument here would make its declare fail with PRECONDITION_FAILED.
     "ocrolus.events.unrouted": {},
     "ocrolus.dead-letter": None,
+    "ocrolus.unclassified": {"x-queue-type": "quorum"},
     "documents": example_args,
     "book-verified": example_args,
     "book-analytics": example_args,
@@ -121,6 +122,7 @@ want_queues = {
 want_bindings = {
     ("ocrolus.events.unrouted", "ocrolus.events.unrouted", ""),
     ("ocrolus.dlx", "ocrolus.dead-letter", "#"),
+    ("ocrolus.events", "ocrolus.unclassified", "ocrolus.unclassified"),
     ("ocrolus.events", "documents", "document.#"),
     ("ocrolus.events", "book-verified", "book.verified"),
     ("ocrolus.events", "book-analytics", "book.analytics_completed"),

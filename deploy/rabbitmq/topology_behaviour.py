@@ -35,7 +35,8 @@ import pika.exceptions
 EXCHANGE = "ocrolus.events"
 UNROUTED = "ocrolus.events.unrouted"
 DEAD = "ocrolus.dead-letter"
-QUEUES = ["documents", "book-verified", "book-analytics", UNROUTED, DEAD]
+UNCLASSIFIED = "ocrolus.unclassified"
+QUEUES = ["documents", "book-verified", "book-analytics", UNCLASSIFIED, UNROUTED, DEAD]
 
 passed = failed = 0
 
@@ -125,11 +126,13 @@ def main() -> int:
         "book.analytics_v2.generated": "book-analytics",
         "network.book.created": UNROUTED,
         "MIDDESK_VERIFIED": UNROUTED,
+        "ocrolus.unclassified": UNCLASSIFIED,
         "book.analytics_x": None,  # caught only by the book.* / book.# probes
     }
     for key in expect:
         check(publish(ch, key) == "ack", f"publish {key} confirmed")
-    got = {q: sorted(drain(ch, q, wait=0.5)) for q in ["documents", "book-verified", "book-analytics", UNROUTED]}
+    got = {q: sorted(drain(ch, q, wait=0.5))
+           for q in ["documents", "book-verified", "book-analytics", UNCLASSIFIED, UNROUTED]}
     for q in got:
         want = sorted(k for k, dest in expect.items() if dest == q)
         check(got[q] == want, f"queue {q} got exactly {want}", str(got[q]))
