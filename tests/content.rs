@@ -34,6 +34,7 @@ fn message_id(message: &lapin::message::BasicGetMessage) -> String {
 
 #[tokio::test]
 async fn unclassifiable_json_is_published_with_a_reason() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let (broker, queue) = relay.watch_all().await;
     let cases: [(&str, &[u8]); 8] = [
@@ -109,6 +110,7 @@ async fn unclassifiable_json_is_published_with_a_reason() {
 
 #[tokio::test]
 async fn only_bodies_that_are_not_json_get_400() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let (broker, queue) = relay.watch_all().await;
     let mut invalid_utf8 = br#"{"event_name":"book.verified","x":""#.to_vec();
@@ -165,6 +167,7 @@ async fn post_basic(relay: &TestRelay, id: &str, body: &[u8]) -> (u16, serde_jso
 /// real delivery that came later with another body.
 #[tokio::test]
 async fn basic_only_dedup_never_drops_a_different_body() {
+    require_broker!();
     let dir = tempfile::tempdir().expect("tempdir");
     let relay = TestRelay::start(basic_only_relay_options(dir.path())).await;
     let (broker, queue) = relay.watch_all().await;
@@ -218,6 +221,7 @@ async fn basic_only_dedup_never_drops_a_different_body() {
 /// de-duplication stays.
 #[tokio::test]
 async fn signed_ids_keep_id_only_dedup() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let (broker, queue) = relay.watch_all().await;
     let id = new_id();
