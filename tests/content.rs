@@ -28,7 +28,7 @@ fn message_id(message: &lapin::message::BasicGetMessage) -> String {
         .properties
         .message_id()
         .as_ref()
-        .map(|s| s.to_string())
+        .map(ToString::to_string)
         .unwrap_or_default()
 }
 
