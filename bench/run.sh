@@ -84,7 +84,7 @@ start_relay() { # extra serve flags...
   "${filter[@]}" "$BIN/ocrolus-relay" serve "${TRANSPORT[@]}" \
     --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
     --allowlist "$TMP/allowlist.yaml" --secret-file "$TMP/secret" \
-    --amqp-url "$AMQP_URL" --exchange "$EXCHANGE" --alternate-exchange '' \
+    --amqp-url "$AMQP_URL" --exchange "$EXCHANGE" --alternate-exchange '' --dead-letter-exchange '' \
     --spool-dir "$TMP/spool" \
     --rate-limit-per-ip 10000000 --rate-limit-global 10000000 \
     --max-in-flight 100000 --max-connections $((IDLE_CONNS + 1000)) \

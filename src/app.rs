@@ -61,7 +61,12 @@ impl Relay {
         let public_addr = public.local_addr()?;
         let admin_addr = admin.local_addr()?;
 
-        let outbox = Outbox::new(broker.clone(), spool, metrics.clone());
+        let outbox = Outbox::new(
+            broker.clone(),
+            spool,
+            metrics.clone(),
+            config.poison.clone(),
+        );
         let state = Arc::new(AppState::new(config, policy, tls, dedup, outbox, metrics));
 
         let stop_accepting = CancellationToken::new();

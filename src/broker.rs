@@ -143,12 +143,65 @@ impl Broker {
         self.publish_on(envelope, Some(0)).await
     }
 
+    /// The dead-letter exchange, if one is configured.
+    pub fn dead_letter_exchange(&self) -> Option<&str> {
+        self.config.dead_letter_exchange.as_deref()
+    }
+
+    /// Publishes a spooled event the broker kept refusing to the dead-letter
+    /// exchange (on the drainer's channel), with why in
+    /// `x-relay-dead-letter-reason`. Not counted as published: subscribers
+    /// of the main exchange never see it.
+    pub async fn publish_dead_letter(
+        &self,
+        envelope: &Envelope,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<(), PublishError> {
+        let exchange = self
+            .config
+            .dead_letter_exchange
+            .as_deref()
+            .ok_or(PublishError::Returned)?;
+        let mut props = properties(envelope);
+        let mut headers = props.headers().clone().unwrap_or_default();
+        for (name, value) in [
+            (
+                "x-relay-dead-letter-reason",
+                AMQPValue::LongString(reason.into()),
+            ),
+            (
+                "x-relay-dead-letter-attempts",
+                AMQPValue::LongUInt(attempts),
+            ),
+            (
+                "x-relay-original-exchange",
+                AMQPValue::LongString(self.config.exchange.as_str().into()),
+            ),
+            (
+                "x-relay-original-routing-key",
+                AMQPValue::LongString(envelope.routing_key.as_str().into()),
+            ),
+        ] {
+            headers.insert(name.into(), value);
+        }
+        props = props.with_headers(headers);
+        self.try_publish(exchange, envelope, props, Some(0)).await
+    }
+
     async fn publish_on(
         &self,
         envelope: &Envelope,
         channel: Option<usize>,
     ) -> Result<(), PublishError> {
-        let result = self.try_publish(envelope, channel).await;
+        let result = self
+            .try_publish(
+                &self.config.exchange,
+                envelope,
+                properties(envelope),
+                channel,
+            )
+            .await;
         match result {
             Ok(()) => {
                 self.metrics
@@ -167,7 +220,9 @@ impl Broker {
 
     async fn try_publish(
         &self,
+        exchange: &str,
         envelope: &Envelope,
+        properties: BasicProperties,
         channel: Option<usize>,
     ) -> Result<(), PublishError> {
         let link = self.link.load_full().ok_or(PublishError::Disconnected)?;
@@ -181,14 +236,14 @@ impl Broker {
         let confirmed = tokio::time::timeout(self.config.confirm_timeout, async {
             let confirm = channel
                 .basic_publish(
-                    self.config.exchange.as_str().into(),
+                    exchange.into(),
                     envelope.routing_key.as_str().into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
                     },
                     &envelope.body,
-                    properties(envelope),
+                    properties,
                 )
                 .await
                 .map_err(|_| PublishError::Disconnected)?;
@@ -351,41 +406,19 @@ impl Broker {
 }
 
 /// Declares the durable topic exchange and, unless switched off, its
-/// alternate exchange with a durable queue of the same name.
+/// alternate exchange and the dead-letter exchange, each a fanout with a
+/// durable queue of the same name.
 pub async fn declare_topology(channel: &Channel, config: &BrokerConfig) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
     let mut arguments = FieldTable::default();
+    if let Some(dead_letter) = &config.dead_letter_exchange {
+        declare_fanout_with_queue(channel, dead_letter).await?;
+    }
     if let Some(alternate) = &config.alternate_exchange {
-        channel
-            .exchange_declare(
-                alternate.as_str().into(),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_declare(
-                alternate.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                alternate.as_str().into(),
-                alternate.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        declare_fanout_with_queue(channel, alternate).await?;
         arguments.insert(
             "alternate-exchange".into(),
             AMQPValue::LongString(alternate.as_str().into()),
@@ -397,6 +430,40 @@ pub async fn declare_topology(channel: &Channel, config: &BrokerConfig) -> lapin
             ExchangeKind::Topic,
             durable,
             arguments,
+        )
+        .await
+}
+
+async fn declare_fanout_with_queue(channel: &Channel, name: &str) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            name.into(),
+            name.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
         )
         .await
 }

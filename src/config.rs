@@ -81,6 +81,24 @@ pub struct ServeArgs {
         default_value = "ocrolus.events.unrouted"
     )]
     pub alternate_exchange: String,
+    /// Dead-letter exchange (and queue) for spooled events the broker keeps
+    /// refusing; '' = none (they go to the spool's quarantine table).
+    #[arg(
+        long,
+        env = "RELAY_DEAD_LETTER_EXCHANGE",
+        default_value = "ocrolus.events.dead"
+    )]
+    pub dead_letter_exchange: String,
+    /// Refusals (nack, unroutable) of one spooled event before it is
+    /// dead-lettered; it is retried after 1, 2, 4... s (at most 30 s) while
+    /// the events behind it go on.
+    #[arg(long, env = "RELAY_POISON_ATTEMPTS", default_value_t = 5)]
+    pub poison_attempts: u32,
+    /// Largest message the broker accepts (RabbitMQ `max_message_size`:
+    /// 16 MiB by default since 4.0, 128 MiB in 3.8-3.13). AMQP does not
+    /// announce it, so it is configured here; --max-body must not exceed it.
+    #[arg(long, env = "RELAY_BROKER_MAX_MESSAGE_SIZE", default_value_t = 16 << 20)]
+    pub broker_max_message_size: usize,
     /// Do not declare the exchanges at start (they are managed elsewhere).
     #[arg(long, env = "RELAY_NO_DECLARE")]
     pub no_declare: bool,
@@ -267,6 +285,7 @@ pub struct BrokerConfig {
     pub url: String,
     pub exchange: String,
     pub alternate_exchange: Option<String>,
+    pub dead_letter_exchange: Option<String>,
     pub declare: bool,
     pub confirm_timeout: Duration,
     pub channels: usize,
@@ -277,6 +296,15 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     pub max_bytes: u64,
     pub max_events: u64,
+}
+
+/// When a spooled event counts as poison (see the drainer).
+#[derive(Debug, Clone)]
+pub struct PoisonConfig {
+    /// Refusals before the event is dead-lettered.
+    pub attempts: u32,
+    /// Bodies above this are never sent (the broker would close the channel).
+    pub max_message_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -316,6 +344,7 @@ pub struct Config {
     pub sources: Sources,
     pub broker: BrokerConfig,
     pub spool: SpoolConfig,
+    pub poison: PoisonConfig,
     pub limits: Limits,
     pub dedup: DedupConfig,
     pub shutdown: ShutdownConfig,
@@ -378,6 +407,28 @@ impl Config {
                 Some(name.to_owned())
             }
         };
+        let dead_letter_exchange = match args.dead_letter_exchange.as_str() {
+            "" => None,
+            name => {
+                check_exchange_name("--dead-letter-exchange", name)?;
+                if name == args.broker.exchange || Some(name) == alternate_exchange.as_deref() {
+                    return Err(ConfigError::new(
+                        "--dead-letter-exchange must differ from --exchange and --alternate-exchange",
+                    ));
+                }
+                Some(name.to_owned())
+            }
+        };
+        if args.poison_attempts == 0 {
+            return Err(ConfigError::new("--poison-attempts must be positive"));
+        }
+        if args.max_body > args.broker_max_message_size {
+            return Err(ConfigError::new(format!(
+                "--max-body {} is larger than --broker-max-message-size {}: the broker would refuse such an event after the relay answered 200. \
+                 Lower --max-body, or raise --broker-max-message-size to the broker's max_message_size (`rabbitmqctl eval 'application:get_env(rabbit, max_message_size).'`)",
+                args.max_body, args.broker_max_message_size
+            )));
+        }
         args.broker
             .amqp_url
             .parse::<lapin::uri::AMQPUri>()
@@ -431,6 +482,7 @@ impl Config {
                 url: args.broker.amqp_url.clone(),
                 exchange: args.broker.exchange.clone(),
                 alternate_exchange,
+                dead_letter_exchange,
                 declare: !args.no_declare,
                 confirm_timeout: args.confirm_timeout,
                 channels: args.publish_channels,
@@ -439,6 +491,10 @@ impl Config {
                 dir: args.spool_dir.clone(),
                 max_bytes: args.spool_max_bytes,
                 max_events: args.spool_max_events,
+            },
+            poison: PoisonConfig {
+                attempts: args.poison_attempts,
+                max_message_size: args.broker_max_message_size,
             },
             limits: Limits {
                 max_body: args.max_body,

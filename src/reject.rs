@@ -96,7 +96,9 @@ impl Reject {
                 R::SpoolFull,
                 Some(30),
             ),
-            Self::Unavailable(SpoolError::Storage(_) | SpoolError::Closed) => (
+            Self::Unavailable(
+                SpoolError::Storage(_) | SpoolError::Corrupt(_) | SpoolError::Closed,
+            ) => (
                 S::SERVICE_UNAVAILABLE,
                 O::Unavailable,
                 R::SpoolFailed,

@@ -45,6 +45,8 @@ async fn dev_banner_commands_work_on_moved_ports() {
         &exchange,
         "--alternate-exchange",
         "",
+        "--dead-letter-exchange",
+        "",
         "--spool-dir",
         &spool.display().to_string(),
     ]));

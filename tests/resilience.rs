@@ -695,6 +695,7 @@ impl BinaryRelay {
             url: AMQP_URL.into(),
             exchange: self.exchange.clone(),
             alternate_exchange: Some(self.alternate.clone()),
+            dead_letter_exchange: Some(format!("{}.dead", self.exchange)),
             declare: true,
             confirm_timeout: Duration::from_secs(2),
             channels: 1,
@@ -706,6 +707,12 @@ impl BinaryRelay {
 
     async fn cleanup(&self, broker: &TestBroker) {
         broker.delete_exchange(&self.exchange).await;
+        broker
+            .delete_exchange(&format!("{}.dead", self.exchange))
+            .await;
+        broker
+            .delete_queue(&format!("{}.dead", self.exchange))
+            .await;
         broker.delete_exchange(&self.alternate).await;
         broker.delete_queue(&self.alternate).await;
     }

@@ -161,8 +161,9 @@ pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
 }
 
 /// Declares the bench exchange exactly as the relay declares its own (the
-/// relay's code, no alternate exchange: bench/run.sh starts the relay with
-/// `--alternate-exchange ''`), so the relay's declare at start matches it,
+/// relay's code, no alternate or dead-letter exchange: bench/run.sh starts
+/// the relay with `--alternate-exchange '' --dead-letter-exchange ''`), so
+/// the relay's declare at start matches it,
 /// plus one durable queue bound with '#'.
 pub async fn setup(args: &TopologyArgs) -> anyhow::Result<()> {
     let connection = amqp_connect(&args.amqp_url).await?;
@@ -171,6 +172,7 @@ pub async fn setup(args: &TopologyArgs) -> anyhow::Result<()> {
         url: args.amqp_url.clone(),
         exchange: args.exchange.clone(),
         alternate_exchange: None,
+        dead_letter_exchange: None,
         declare: true,
         confirm_timeout: Duration::from_secs(2),
         channels: 1,

@@ -4,7 +4,7 @@
 use crate::auth::{FileExposure, check_file_mode};
 use crate::config::{Config, redact_url};
 use crate::config_error::ConfigError;
-use crate::outbox::spool::SpoolFile;
+use crate::outbox::spool::{SpoolError, SpoolFile};
 use crate::tls::Tls;
 
 pub fn run(config: &Config) -> Result<(), ConfigError> {
@@ -12,7 +12,13 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
     let tls = config.sources.tls.as_ref().map(Tls::load).transpose()?;
     let spool = SpoolFile::open(&config.spool.dir)
         .and_then(|s| s.stats())
-        .map_err(|e| ConfigError::new(format!("spool {}: {e}", config.spool.dir.display())))?;
+        .map_err(|e| match e {
+            SpoolError::Corrupt(_) => ConfigError::new(format!(
+                "{e}. `serve` would move it aside (spool.redb.corrupt-<time>) and start with a fresh spool; \
+                 events in it would not be delivered"
+            )),
+            e => ConfigError::new(format!("spool {}: {e}", config.spool.dir.display())),
+        })?;
     if let Some(file) = &config.file {
         println!("config file:       {}", file.display());
     }
@@ -78,6 +84,19 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
             .as_deref()
             .unwrap_or("none")
     );
+    println!(
+        "dead letters:      {} after {} refusals (quarantine if that fails too)",
+        config
+            .broker
+            .dead_letter_exchange
+            .as_deref()
+            .unwrap_or("none: quarantine"),
+        config.poison.attempts
+    );
+    println!(
+        "max body:          {} bytes (broker max message size {})",
+        config.limits.max_body, config.poison.max_message_size
+    );
     println!("confirm timeout:   {:?}", config.broker.confirm_timeout);
     println!(
         "spool:             {} ({} events, {} bytes waiting; max {} events / {} bytes)",
@@ -87,6 +106,12 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
         config.spool.max_events,
         config.spool.max_bytes
     );
+    if spool.quarantined > 0 {
+        println!(
+            "WARNING: {} records in the spool's quarantine ({} bytes): `ocrolus-relay spool list --quarantine`",
+            spool.quarantined, spool.quarantined_bytes
+        );
+    }
     if let Some(tls) = tls {
         let days = (tls.not_after - crate::now_ms() / 1000) / 86_400;
         println!(

@@ -1,5 +1,8 @@
 //! `spool stats|list|replay`: inspect the spool of a stopped relay, or push
 //! its events to the broker by hand (the running relay drains it itself).
+//! `--quarantine` does the same for the quarantine table: records the relay
+//! took out of the drain (unreadable, or refused by the broker and not
+//! dead-lettered), which only an operator brings back.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,11 +34,18 @@ pub enum SpoolAction {
     List {
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// List the quarantine table instead (reason, raw bytes as base64).
+        #[arg(long)]
+        quarantine: bool,
     },
     /// Publish every spooled event (with confirms) and remove each confirmed one.
     Replay {
         #[command(flatten)]
         broker: BrokerArgs,
+        /// Replay the readable records of the quarantine table instead
+        /// (unreadable ones stay, listed by `list --quarantine`).
+        #[arg(long)]
+        quarantine: bool,
     },
 }
 
@@ -52,10 +62,36 @@ pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
             let age = s.oldest_ms.map(|ms| (crate::now_ms() - ms) / 1000);
             println!(
                 "{}",
-                json!({ "messages": s.messages, "bytes": s.bytes, "oldest_age_seconds": age })
+                json!({
+                    "messages": s.messages, "bytes": s.bytes, "oldest_age_seconds": age,
+                    "quarantined": s.quarantined, "quarantined_bytes": s.quarantined_bytes,
+                })
             );
         }
-        SpoolAction::List { limit } => {
+        SpoolAction::List {
+            limit,
+            quarantine: true,
+        } => {
+            use base64::Engine;
+            for q in spool.quarantined(limit)? {
+                let event = q.envelope.as_ref().map(|e| {
+                    json!({
+                        "id": e.id, "routing_key": e.routing_key, "event": e.event_name,
+                        "client_ip": e.client_ip, "received_at_ms": e.received_at_ms,
+                        "body": String::from_utf8_lossy(&e.body),
+                    })
+                });
+                println!(
+                    "{}",
+                    json!({
+                        "seq": q.seq, "reason": q.reason, "quarantined_at_ms": q.quarantined_at_ms,
+                        "readable": event.is_some(), "event": event,
+                        "raw_base64": base64::engine::general_purpose::STANDARD.encode(&q.record),
+                    })
+                );
+            }
+        }
+        SpoolAction::List { limit, .. } => {
             for (key, e) in spool.list(limit)? {
                 println!(
                     "{}",
@@ -67,12 +103,13 @@ pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        SpoolAction::Replay { broker } => {
+        SpoolAction::Replay { broker, quarantine } => {
             let broker = Broker::new(
                 BrokerConfig {
                     url: broker.amqp_url,
                     exchange: broker.exchange,
                     alternate_exchange: None,
+                    dead_letter_exchange: None,
                     declare: false,
                     confirm_timeout: Duration::from_secs(5),
                     channels: 1,
@@ -89,23 +126,44 @@ pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let mut replayed = 0;
-            loop {
-                let batch = spool.list(256)?;
-                if batch.is_empty() {
-                    break;
-                }
-                for (key, envelope) in batch {
-                    broker
-                        .publish_ordered(&envelope)
-                        .await
-                        .with_context(|| format!("publishing spooled event {}", envelope.id))?;
-                    spool.remove(&[key])?;
+            let mut unreadable = 0;
+            if quarantine {
+                for q in spool.quarantined(usize::MAX)? {
+                    let Some(envelope) = q.envelope else {
+                        unreadable += 1;
+                        continue;
+                    };
+                    broker.publish_ordered(&envelope).await.with_context(|| {
+                        format!(
+                            "publishing quarantined event {} ({})",
+                            envelope.id, q.reason
+                        )
+                    })?;
+                    spool.remove_quarantined(&[q.seq])?;
                     replayed += 1;
+                }
+            } else {
+                loop {
+                    let batch = spool.list(256)?;
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for (key, envelope) in batch {
+                        broker
+                            .publish_ordered(&envelope)
+                            .await
+                            .with_context(|| format!("publishing spooled event {}", envelope.id))?;
+                        spool.remove(&[key])?;
+                        replayed += 1;
+                    }
                 }
             }
             stop.cancel();
             let _ = supervisor.await;
-            println!("{}", json!({ "replayed": replayed }));
+            println!(
+                "{}",
+                json!({ "replayed": replayed, "unreadable_left_in_quarantine": unreadable })
+            );
         }
     }
     Ok(())

@@ -11,11 +11,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::broker::Broker;
+use crate::config::PoisonConfig;
 use crate::event::Envelope;
 use crate::metrics::Metrics;
 
 mod drain;
 pub mod spool;
+
+pub use drain::{QUARANTINE_REASONS, Refusal};
 
 use spool::{Spool, SpoolError};
 
@@ -33,14 +36,29 @@ pub struct Outbox {
     pub broker: Arc<Broker>,
     pub spool: Arc<Spool>,
     metrics: Arc<Metrics>,
+    poison: PoisonConfig,
 }
 
 impl Outbox {
-    pub fn new(broker: Arc<Broker>, spool: Arc<Spool>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        broker: Arc<Broker>,
+        spool: Arc<Spool>,
+        metrics: Arc<Metrics>,
+        poison: PoisonConfig,
+    ) -> Self {
+        for refusal in Refusal::ALL {
+            metrics
+                .spool_dead_lettered
+                .with_label_values(&[refusal.as_str()]);
+        }
+        for reason in QUARANTINE_REASONS {
+            metrics.spool_quarantined.with_label_values(&[reason]);
+        }
         Self {
             broker,
             spool,
             metrics,
+            poison,
         }
     }
 
@@ -65,6 +83,7 @@ impl Outbox {
             spool: self.spool.clone(),
             broker: self.broker.clone(),
             metrics: self.metrics.clone(),
+            poison: self.poison.clone(),
         };
         drainer.run(shutdown)
     }

@@ -41,6 +41,8 @@ pub struct TestRelay {
     pub admin: SocketAddr,
     pub exchange: String,
     pub alternate: String,
+    /// The dead-letter exchange and its queue (same name).
+    pub dead_letter: String,
     pub dir: tempfile::TempDir,
     pub spool_dir: PathBuf,
 }
@@ -84,6 +86,9 @@ pub fn serve_args(
     args.extend(["--exchange".into(), exchange.into()]);
     if !opts.extra.iter().any(|a| a == "--alternate-exchange") {
         args.extend(["--alternate-exchange".into(), alternate.into()]);
+    }
+    if !opts.extra.iter().any(|a| a == "--dead-letter-exchange") {
+        args.extend(["--dead-letter-exchange".into(), format!("{exchange}.dead")]);
     }
     args.extend(["--spool-dir".into(), spool_dir.display().to_string()]);
     if !opts.secrets.is_empty() {
@@ -137,6 +142,7 @@ impl TestRelay {
             ),
             addr,
             admin,
+            dead_letter: format!("{exchange}.dead"),
             exchange,
             alternate,
             relay: Some(relay),
@@ -197,9 +203,12 @@ impl TestRelay {
         self.shutdown().await;
     }
 
-    /// Deletes the test's exchanges (and the alternate queue).
+    /// Deletes the test's exchanges (and the alternate and dead-letter
+    /// queues).
     pub async fn cleanup(&self, broker: &TestBroker) {
         broker.delete_exchange(&self.exchange).await;
+        broker.delete_exchange(&self.dead_letter).await;
+        broker.delete_queue(&self.dead_letter).await;
         if !self.alternate.is_empty() {
             broker.delete_exchange(&self.alternate).await;
             broker.delete_queue(&self.alternate).await;

@@ -1,0 +1,160 @@
+//! The on-disk layout of the spool: which tables exist and how a record is
+//! encoded. Every record starts with a format byte, so that a later layout
+//! is either read as what it is or quarantined, never misread as another.
+//!
+//! - Format 1 (up to issue 12): the postcard-encoded [`Envelope`] with no
+//!   format byte, in the table `events`. A spool in this format is
+//!   converted at open ([`super::store`]), one transaction: each record
+//!   moves to `records` under the same key (arrival order is kept), and one
+//!   that does not decode moves to `quarantine` with its bytes. An older
+//!   relay opening a converted spool sees an empty `events` table and
+//!   delivers nothing from it, rather than misreading it.
+//! - Format 2: one byte `2`, then the same postcard layout, in `records`.
+//!
+//! Quarantine entries carry their own format byte and keep the record's
+//! bytes exactly as they were stored.
+
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+
+use crate::event::Envelope;
+
+/// Format 1 records (no format byte); emptied at open.
+pub(super) const EVENTS_V1: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// Spooled events by arrival order, each `[format, payload...]`.
+pub(super) const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+/// Records taken out of the drain: unreadable ones, and events the broker
+/// refused that could not be dead-lettered. Same key as in `records`.
+pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+
+const FORMAT_2: u8 = 2;
+const QUARANTINE_FORMAT_1: u8 = 1;
+
+/// Encodes an event as the current format.
+pub(super) fn encode(envelope: &Envelope) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_extend(envelope, vec![FORMAT_2])
+}
+
+/// Decodes a record of `records`; anything but a complete, current-format
+/// record is an error that names what is wrong.
+pub(super) fn decode(record: &[u8]) -> Result<Envelope, String> {
+    match record.split_first() {
+        Some((&FORMAT_2, payload)) => decode_payload(payload),
+        Some((format, _)) => Err(format!("unknown record format {format}")),
+        None => Err("empty record".into()),
+    }
+}
+
+/// Decodes a format-1 record (the `events` table): the payload alone.
+pub(super) fn decode_v1(record: &[u8]) -> Result<Envelope, String> {
+    decode_payload(record)
+}
+
+/// The payload must be exactly one envelope: trailing bytes mean the
+/// record is not what it claims to be.
+fn decode_payload(payload: &[u8]) -> Result<Envelope, String> {
+    match postcard::take_from_bytes::<Envelope>(payload) {
+        Ok((envelope, [])) => Ok(envelope),
+        Ok((_, rest)) => Err(format!("{} trailing bytes", rest.len())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The converted form of a format-1 record.
+pub(super) fn upgrade_v1(record: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(record.len() + 1);
+    out.push(FORMAT_2);
+    out.extend_from_slice(record);
+    out
+}
+
+/// The fields of an [`Envelope`] record before its body. postcard encodes
+/// fields in order, so these decode without copying the body (up to the
+/// body limit) on every commit or id scan.
+#[derive(Deserialize)]
+pub(super) struct RecordHead {
+    pub(super) id: String,
+    _routing_key: String,
+    _event_name: String,
+    _ocrolus_timestamp: Option<String>,
+    _client_ip: String,
+    pub(super) received_at_ms: i64,
+}
+
+impl RecordHead {
+    /// The head of a current-format record; `None` for anything else.
+    pub(super) fn decode(record: &[u8]) -> Option<Self> {
+        match record.split_first() {
+            Some((&FORMAT_2, payload)) => postcard::take_from_bytes::<Self>(payload)
+                .ok()
+                .map(|(head, _)| head),
+            _ => None,
+        }
+    }
+}
+
+/// A quarantined record as stored.
+#[derive(Serialize, Deserialize)]
+struct QuarantineEntry {
+    reason: String,
+    quarantined_at_ms: i64,
+    record: Vec<u8>,
+}
+
+/// A quarantined record, for `spool list` and replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// Its key in the spool (arrival order).
+    pub seq: u64,
+    pub reason: String,
+    pub quarantined_at_ms: i64,
+    /// The record's bytes as they were stored.
+    pub record: Vec<u8>,
+    /// The event, when the record is readable.
+    pub envelope: Option<Envelope>,
+}
+
+pub(super) fn encode_quarantine(
+    reason: &str,
+    quarantined_at_ms: i64,
+    record: &[u8],
+) -> Result<Vec<u8>, postcard::Error> {
+    let entry = QuarantineEntry {
+        reason: reason.to_owned(),
+        quarantined_at_ms,
+        record: record.to_vec(),
+    };
+    postcard::to_extend(&entry, vec![QUARANTINE_FORMAT_1])
+}
+
+/// Reads a quarantine entry. One that is itself unreadable is shown with
+/// its raw bytes, so that nothing in the table is ever hidden.
+pub(super) fn decode_quarantine(seq: u64, value: &[u8]) -> Quarantined {
+    let entry = match value.split_first() {
+        Some((&QUARANTINE_FORMAT_1, payload)) => {
+            postcard::from_bytes::<QuarantineEntry>(payload).ok()
+        }
+        _ => None,
+    };
+    match entry {
+        Some(e) => Quarantined {
+            seq,
+            envelope: decode(&e.record).ok(),
+            reason: e.reason,
+            quarantined_at_ms: e.quarantined_at_ms,
+            record: e.record,
+        },
+        None => Quarantined {
+            seq,
+            reason: "unreadable quarantine entry".into(),
+            quarantined_at_ms: 0,
+            record: value.to_vec(),
+            envelope: None,
+        },
+    }
+}
+
+/// Bytes of the record kept in a quarantine entry (for the counts).
+pub(super) fn quarantined_len(value: &[u8]) -> u64 {
+    decode_quarantine(0, value).record.len() as u64
+}
