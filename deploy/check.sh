@@ -238,10 +238,11 @@ import json, re, sys, yaml
 counters = """requests_total rejections_total events_published_total
 publish_failures_total broker_reconnects_total spool_drained_total
 spool_errors_total connections_rejected_total tls_handshake_failures_total
-config_reloads_total""".split()
+config_reloads_total spool_dead_lettered_total spool_quarantined_total""".split()
 gauges = """broker_up broker_blocked spool_messages spool_bytes
 spool_oldest_age_seconds spool_max_bytes spool_max_messages connections_open
-requests_in_flight tls_cert_expiry_timestamp_seconds ready build_info""".split()
+requests_in_flight tls_cert_expiry_timestamp_seconds ready build_info
+spool_quarantined_messages spool_files_moved_aside""".split()
 histograms = "request_duration_seconds publish_confirm_duration_seconds".split()
 known = {f"ocrolus_relay_{m}" for m in counters + gauges}
 for h in histograms:

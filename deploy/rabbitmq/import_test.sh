@@ -106,6 +106,7 @@ AE = {"alternate-exchange": "ocrolus.events.unrouted"}
 want_exchanges = {
     "ocrolus.events": ("topic", AE),
     "ocrolus.events.unrouted": ("fanout", {}),
+    "ocrolus.events.dead": ("fanout", {}),
     "ocrolus.dlx": ("topic", {}),
 }
 example_args = {"x-queue-type": "quorum", "x-dead-letter-exchange": "ocrolus.dlx"}
@@ -113,6 +114,9 @@ want_queues = {
     # The relay declares this one itself (durable, no arguments): any
     # argument here would make its declare fail with PRECONDITION_FAILED.
     "ocrolus.events.unrouted": {},
+    # The relay's dead-letter queue for events RabbitMQ keeps refusing;
+    # declared by the relay too, so no arguments either.
+    "ocrolus.events.dead": {},
     "ocrolus.dead-letter": None,
     "ocrolus.unclassified": {"x-queue-type": "quorum"},
     "documents": example_args,
@@ -121,6 +125,7 @@ want_queues = {
 }
 want_bindings = {
     ("ocrolus.events.unrouted", "ocrolus.events.unrouted", ""),
+    ("ocrolus.events.dead", "ocrolus.events.dead", ""),
     ("ocrolus.dlx", "ocrolus.dead-letter", "#"),
     ("ocrolus.events", "ocrolus.unclassified", "ocrolus.unclassified"),
     ("ocrolus.events", "documents", "document.#"),
