@@ -37,7 +37,7 @@ fn flags(extra: &[&str]) -> Vec<String> {
     ]
     .iter()
     .chain(extra)
-    .map(|s| s.to_string())
+    .map(ToString::to_string)
     .collect()
 }
 

@@ -256,8 +256,7 @@ async fn format_1_spool_is_converted_at_open() {
     let txn = redb::ReadableDatabase::begin_read(&db).expect("read");
     let legacy_rows = txn
         .open_table(EVENTS_V1)
-        .map(|t| redb::ReadableTableMetadata::len(&t).expect("len"))
-        .unwrap_or(0);
+        .map_or(0, |t| redb::ReadableTableMetadata::len(&t).expect("len"));
     assert_eq!(legacy_rows, 0);
 }
 
