@@ -15,12 +15,20 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::metrics::Reason;
 use crate::state::AppState;
 
+/// Open admin connections at most: a scraper and an operator need a few;
+/// without a cap, half-open connections could take every file descriptor
+/// and starve the public listener.
+const MAX_CONNECTIONS: usize = 64;
+
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -33,8 +41,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
                 }
             },
         };
+        // Over the cap: dropping the stream closes it at once.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            state.metrics.reject(Reason::AdminConnectionLimit);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &req)) }

@@ -158,6 +158,13 @@ pub struct ServeArgs {
     /// Maximum open client connections; more are closed at once.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Maximum open connections from one client address (IPv6: per /64);
+    /// trusted proxies without PROXY protocol are exempt.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS_PER_IP", default_value_t = 100)]
+    pub max_connections_per_ip: usize,
+    /// Connections kept for allowlisted peers on top of --max-connections.
+    #[arg(long, env = "RELAY_RESERVED_CONNECTIONS", default_value_t = 64)]
+    pub reserved_connections: usize,
     /// Maximum requests being processed at once; more get 503.
     #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
@@ -314,6 +321,8 @@ pub struct Limits {
     pub body_timeout: Duration,
     pub request_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub reserved_connections: usize,
     pub max_in_flight: usize,
     pub rate_per_ip: u32,
     pub rate_global: u32,
@@ -436,9 +445,13 @@ impl Config {
         if args.publish_channels == 0 || args.publish_channels > 64 {
             return Err(ConfigError::new("--publish-channels must be 1..=64"));
         }
-        if args.max_body == 0 || args.max_connections == 0 || args.max_in_flight == 0 {
+        if args.max_body == 0
+            || args.max_connections == 0
+            || args.max_connections_per_ip == 0
+            || args.max_in_flight == 0
+        {
             return Err(ConfigError::new(
-                "--max-body, --max-connections and --max-in-flight must be positive",
+                "--max-body, --max-connections, --max-connections-per-ip and --max-in-flight must be positive",
             ));
         }
         if args.rate_limit_per_ip == 0 || args.rate_limit_global == 0 || args.rate_limit_burst == 0
@@ -502,6 +515,8 @@ impl Config {
                 body_timeout: args.body_timeout,
                 request_timeout: args.request_timeout,
                 max_connections: args.max_connections,
+                max_connections_per_ip: args.max_connections_per_ip,
+                reserved_connections: args.reserved_connections,
                 max_in_flight: args.max_in_flight,
                 rate_per_ip: args.rate_limit_per_ip,
                 rate_global: args.rate_limit_global,

@@ -98,6 +98,8 @@ settings!(
     body_timeout,
     request_timeout,
     max_connections,
+    max_connections_per_ip,
+    reserved_connections,
     max_in_flight,
     rate_limit_per_ip,
     rate_limit_global,

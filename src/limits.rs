@@ -1,5 +1,5 @@
 //! Pipeline steps 5-7: bound what a client may cost before anything is
-//! trusted: declared size, request rate (per client and global), requests in
+//! trusted: declared size and framing, request rate (per client and global), requests in
 //! flight, and the body read itself (size cap also for chunked bodies, and a
 //! deadline against slow senders).
 //!
@@ -42,6 +42,8 @@ pub enum LimitReject {
     BodyTimeout,
     #[error("client aborted the body")]
     BodyAborted,
+    #[error("transfer coding other than a single chunked")]
+    BadTransferEncoding,
 }
 
 /// Step 5: refuse a declared oversize body before reading any of it.
@@ -58,6 +60,25 @@ pub fn check_declared_len(headers: &HeaderMap, max: usize) -> Result<(), LimitRe
         Err(LimitReject::DeclaredTooLarge)
     } else {
         Ok(())
+    }
+}
+
+/// Step 5: the body's framing. A transfer coding other than one `chunked`
+/// (`gzip, chunked`, `identity, chunked`, two header lines) would pass on
+/// undecoded, and a proxy in front may frame it differently: refused.
+pub fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), LimitReject> {
+    let mut codings = headers.get_all(http::header::TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(()),
+        (Some(coding), None)
+            if coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked") =>
+        {
+            Ok(())
+        }
+        _ => Err(LimitReject::BadTransferEncoding),
     }
 }
 
@@ -131,7 +152,7 @@ impl Admission {
 
     pub fn admit(&self, ip: ClientIp) -> Result<InFlight, LimitReject> {
         let now = self.clock.now();
-        if let Err(not_until) = self.per_client.check_key(&rate_key(ip)) {
+        if let Err(not_until) = self.per_client.check_key(&client_key(ip)) {
             return Err(LimitReject::RateLimitedClient {
                 retry_after_secs: ceil_secs(not_until.wait_time_from(now)),
             });
@@ -155,7 +176,10 @@ impl Admission {
     }
 }
 
-fn rate_key(ip: ClientIp) -> IpAddr {
+/// The key a client is counted under: its address, or its /64 for IPv6
+/// (one host usually owns a whole /64). Also keys the per-client
+/// connection cap.
+pub fn client_key(ip: ClientIp) -> IpAddr {
     match ip.addr() {
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);
@@ -180,6 +204,8 @@ mod tests {
             body_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(2),
             max_connections: 10,
+            max_connections_per_ip: 10,
+            reserved_connections: 0,
             max_in_flight: in_flight,
             rate_per_ip: per_ip,
             rate_global: global,
@@ -254,6 +280,38 @@ mod tests {
         assert_eq!(
             check_declared_len(&h, 10),
             Err(LimitReject::BadContentLength)
+        );
+    }
+
+    #[test]
+    fn only_a_single_chunked_coding_is_accepted() {
+        let mut h = HeaderMap::new();
+        assert!(check_transfer_encoding(&h).is_ok());
+        for ok in ["chunked", "Chunked", " chunked "] {
+            h.insert(http::header::TRANSFER_ENCODING, ok.parse().expect("hv"));
+            assert!(check_transfer_encoding(&h).is_ok(), "{ok}");
+        }
+        for bad in [
+            "gzip, chunked",
+            "identity, chunked",
+            "chunked, chunked",
+            "gzip",
+        ] {
+            h.insert(http::header::TRANSFER_ENCODING, bad.parse().expect("hv"));
+            assert_eq!(
+                check_transfer_encoding(&h),
+                Err(LimitReject::BadTransferEncoding),
+                "{bad}"
+            );
+        }
+        h.insert(http::header::TRANSFER_ENCODING, "gzip".parse().expect("hv"));
+        h.append(
+            http::header::TRANSFER_ENCODING,
+            "chunked".parse().expect("hv"),
+        );
+        assert_eq!(
+            check_transfer_encoding(&h),
+            Err(LimitReject::BadTransferEncoding)
         );
     }
 

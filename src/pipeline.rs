@@ -78,7 +78,14 @@ pub async fn handle(
     let policy = state.policy();
     // 2. Client address: the TCP peer stands in when the forwarded chain is
     // malformed, so that even that rejection is logged against an address.
-    let (client, result) = match policy.net.client_ip(peer, &parts.headers) {
+    // Behind PROXY protocol the header named the client (or the TCP peer
+    // stands for itself): a forwarded header is never believed then.
+    let resolved = if state.config.proxy_protocol {
+        Ok(ClientIp::new(peer))
+    } else {
+        policy.net.client_ip(peer, &parts.headers)
+    };
+    let (client, result) = match resolved {
         Ok(client) => (client, process(state, &policy, client, parts, body).await),
         Err(e) => {
             let refused = Refused {
@@ -217,8 +224,9 @@ fn admit(
         return Err(Reject::MethodNotAllowed);
     }
 
-    // 5. Declared size; 6. rate limits and in-flight cap.
+    // 5. Framing and declared size; 6. rate limits and in-flight cap.
     let limits = &state.config.limits;
+    limits::check_transfer_encoding(&parts.headers)?;
     limits::check_declared_len(&parts.headers, limits.max_body)?;
     Ok(state.admission.admit(client)?)
 }

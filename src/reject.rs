@@ -140,6 +140,9 @@ fn limit_answer(limit: LimitReject) -> (StatusCode, Outcome, Reason, Option<u64>
         ),
         LimitReject::BadContentLength => (S::BAD_REQUEST, O::BadRequest, R::BadContentLength, None),
         LimitReject::BodyAborted => (S::BAD_REQUEST, O::BadRequest, R::BodyAborted, None),
+        LimitReject::BadTransferEncoding => {
+            (S::BAD_REQUEST, O::BadRequest, R::BadTransferEncoding, None)
+        }
         LimitReject::BodyTimeout => (S::REQUEST_TIMEOUT, O::Timeout, R::BodyTimeout, None),
         LimitReject::RateLimitedClient { retry_after_secs } => (
             S::TOO_MANY_REQUESTS,
@@ -241,6 +244,13 @@ mod tests {
                 400,
                 "bad_request",
                 "body_aborted",
+                None,
+            ),
+            (
+                LimitReject::BadTransferEncoding.into(),
+                400,
+                "bad_request",
+                "bad_transfer_encoding",
                 None,
             ),
             (

@@ -448,3 +448,450 @@ async fn keep_alive_clients_under_rate_limiting_see_no_transport_errors() {
     }
     relay.finish(&broker, &[&queue]).await;
 }
+
+// ---------------------------------------------------------------- issue 12: connection hogs
+
+/// A plain socket to the relay from a given local address (127.0.0.0/8 is
+/// all loopback on Linux, so each address is a different client).
+async fn connect_from(local: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(local.parse().expect("ip"), 0))?;
+    socket.connect(to).await
+}
+
+/// One delivery on a fresh plain connection: its status, or what went wrong.
+async fn deliver_plain(addr: SocketAddr, id: &str) -> Result<u16, String> {
+    let mut headers = signed_headers(SECRET, id, now_secs(), BODY);
+    headers.push(("content-length".into(), BODY.len().to_string()));
+    let mut bytes = raw_head(addr, &headers).into_bytes();
+    bytes.extend(BODY);
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+    let raw = read_response(&mut stream, MARGIN).await;
+    raw.status
+        .ok_or_else(|| format!("no answer: {:?}", raw.text))
+}
+
+/// One delivery on a fresh TLS connection: its status, or what went wrong.
+async fn deliver_tls(
+    addr: SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+    id: &str,
+) -> Result<u16, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("server name");
+    let mut stream = tokio::time::timeout(MARGIN, connector.connect(name, tcp))
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| format!("handshake: {e}"))?;
+    let mut headers = signed_headers(SECRET, id, now_secs(), BODY);
+    headers.push(("content-length".into(), BODY.len().to_string()));
+    let mut bytes = raw_head(addr, &headers).into_bytes();
+    bytes.extend(BODY);
+    stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+    let raw = read_response(&mut stream, MARGIN).await;
+    raw.status
+        .ok_or_else(|| format!("no answer: {:?}", raw.text))
+}
+
+const BODY: &[u8] = br#"{"event_name":"book.verified","book_pk":1}"#;
+
+/// Issue 12's attacker: `n` connections from `from` that each send
+/// `GET / HTTP/1.1` every `period` (inside the header timeout, so an idle
+/// timer never fires) and reconnect at once whenever the relay closes one
+/// (or refuses it: then after a pause). Runs
+/// until `stop`; returns how many connections it opened.
+fn flood(
+    from: &'static str,
+    to: SocketAddr,
+    n: usize,
+    period: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let hogs = (0..n).map(|_| {
+            let stop = stop.clone();
+            async move {
+                let mut opened = 0usize;
+                while !stop.is_cancelled() {
+                    let Ok(mut stream) = connect_from(from, to).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    opened += 1;
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return opened,
+                            _ = tokio::time::sleep(period) => {}
+                        }
+                        let sent = stream
+                            .write_all(format!("GET / HTTP/1.1\r\nhost: {to}\r\n\r\n").as_bytes())
+                            .await;
+                        if sent.is_err() || read_response(&mut stream, period).await.closed {
+                            break;
+                        }
+                    }
+                    // Closed: come back at once, as an attacker would.
+                }
+                opened
+            }
+        });
+        join_all(hogs).await.into_iter().sum()
+    })
+}
+
+/// Sends deliveries one after another for `span`; every one must get 200.
+async fn steady_sender<F, Fut>(span: Duration, deliver: F) -> Vec<String>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<u16, String>>,
+{
+    let mut ids = Vec::new();
+    let end = tokio::time::Instant::now() + span;
+    while tokio::time::Instant::now() < end {
+        let id = new_id();
+        match deliver(id.clone()).await {
+            Ok(200) => ids.push(id),
+            other => panic!("allowlisted delivery {} failed: {other:?}", ids.len() + 1),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ids
+}
+
+/// Every id arrived, exactly once.
+async fn assert_all_arrived(broker: &TestBroker, queue: &str, ids: &[String]) {
+    let got = broker
+        .drain(queue, ids.len(), Duration::from_secs(10))
+        .await;
+    let seen: Vec<String> = got
+        .iter()
+        .filter_map(|m| {
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ToString::to_string)
+        })
+        .collect();
+    assert_eq!(seen.len(), ids.len(), "messages in the queue");
+    for id in ids {
+        assert!(seen.contains(id), "{id} did not arrive");
+    }
+}
+
+/// The report: 50 sockets from a non-allowlisted address took every slot
+/// of `--max-connections 50`, and allowlisted deliveries were closed at
+/// once. The period (8 s against a 10 s header timeout) is scaled down to
+/// 1.5 s against 2 s.
+#[tokio::test]
+async fn non_allowlisted_flood_cannot_take_the_connection_slots() {
+    let extra = ["--max-connections", "50", "--header-timeout", "2"];
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &extra)).await;
+    let (broker, queue) = relay.watch_all().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let hogs = flood(
+        "127.0.0.2",
+        relay.addr,
+        50,
+        Duration::from_millis(1500),
+        stop.clone(),
+    );
+    // Let the flood take what it can.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let addr = relay.addr;
+    let ids = steady_sender(Duration::from_secs(6), |id| async move {
+        deliver_plain(addr, &id).await
+    })
+    .await;
+    stop.cancel();
+    let opened = hogs.await.expect("flood");
+    assert!(opened >= 50, "the flood ran ({opened} connections)");
+    assert_all_arrived(&broker, &queue, &ids).await;
+    assert!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="peer_not_allowed"}"#)
+            .await
+            >= 50.0
+    );
+    relay.finish(&broker, &[&queue]).await;
+}
+
+/// The same with TLS: handshakes from outside the allowlist that never
+/// finish must not hold slots either.
+#[tokio::test]
+async fn hanging_tls_handshakes_from_outside_cannot_take_the_connection_slots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = write_cert(dir.path());
+    let relay = TestRelay::start(tls_relay_options(
+        dir.path(),
+        &["--max-connections", "50", "--header-timeout", "10"],
+    ))
+    .await;
+    let (broker, queue) = relay.watch_all().await;
+    // 50 handshakes begun (a TLS record header) and left hanging.
+    let mut hanging = Vec::new();
+    for _ in 0..50 {
+        let mut stream = connect_from("127.0.0.2", relay.addr)
+            .await
+            .expect("connect");
+        let _ = stream.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await;
+        hanging.push(stream);
+    }
+    let connector = connector(&[cert], &[b"http/1.1"], rustls::DEFAULT_VERSIONS);
+    let addr = relay.addr;
+    let connector = &connector;
+    let ids = steady_sender(Duration::from_secs(4), |id| async move {
+        deliver_tls(addr, connector, &id).await
+    })
+    .await;
+    assert_all_arrived(&broker, &queue, &ids).await;
+    drop(hanging);
+    relay.finish(&broker, &[&queue]).await;
+}
+
+#[tokio::test]
+async fn connections_per_client_address_are_capped() {
+    let extra = ["--max-connections-per-ip", "3", "--header-timeout", "30"];
+    let relay = TestRelay::start(opts(&["127.0.0.0/24"], &[], &extra)).await;
+    let (broker, queue) = relay.watch_all().await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            connect_from("127.0.0.4", relay.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let open = "ocrolus_relay_connections_open";
+    let deadline = tokio::time::Instant::now() + MARGIN;
+    while relay.metric(open).await < 3.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut fourth = connect_from("127.0.0.4", relay.addr)
+        .await
+        .expect("connect");
+    assert!(
+        closed_within(&mut fourth, MARGIN).await.is_some(),
+        "a fourth connection from one address stays open"
+    );
+    // Another address is not affected.
+    let id = new_id();
+    assert_eq!(deliver_plain(relay.addr, &id).await, Ok(200));
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="too_many_connections_from_client"}"#)
+            .await,
+        1.0
+    );
+    drop(held);
+    assert_all_arrived(&broker, &queue, &[id]).await;
+    relay.finish(&broker, &[&queue]).await;
+}
+
+#[tokio::test]
+async fn allowlisted_peers_get_reserved_room_when_the_cap_is_reached() {
+    // The trusted proxy 127.0.0.2 (its clients named in X-Forwarded-For)
+    // fills --max-connections; a direct allowlisted sender still gets in.
+    let extra = [
+        "--max-connections",
+        "5",
+        "--reserved-connections",
+        "2",
+        "--header-timeout",
+        "30",
+    ];
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &["127.0.0.2/32"], &extra)).await;
+    let (broker, queue) = relay.watch_all().await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(
+            connect_from("127.0.0.2", relay.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let open = "ocrolus_relay_connections_open";
+    let deadline = tokio::time::Instant::now() + MARGIN;
+    while relay.metric(open).await < 5.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut sixth = connect_from("127.0.0.2", relay.addr)
+        .await
+        .expect("connect");
+    assert!(
+        closed_within(&mut sixth, MARGIN).await.is_some(),
+        "the proxy got past --max-connections"
+    );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = new_id();
+        assert_eq!(deliver_plain(relay.addr, &id).await, Ok(200));
+        ids.push(id);
+    }
+    drop(held);
+    assert_all_arrived(&broker, &queue, &ids).await;
+    relay.finish(&broker, &[&queue]).await;
+}
+
+#[tokio::test]
+async fn admin_listener_connections_are_capped() {
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &[])).await;
+    // Half-open admin connections, never sending a byte, up to the cap.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(TcpStream::connect(relay.admin).await.expect("connect"));
+    }
+    let mut over = Vec::new();
+    for _ in 0..8 {
+        over.push(TcpStream::connect(relay.admin).await.expect("connect"));
+    }
+    for (i, stream) in over.iter_mut().enumerate() {
+        assert!(
+            closed_within(stream, MARGIN).await.is_some(),
+            "admin connection {} over the cap stays open",
+            i + 1
+        );
+    }
+    // The public listener is unaffected, and the admin one serves again
+    // once the held connections are gone.
+    let id = new_id();
+    assert_eq!(deliver_plain(relay.addr, &id).await, Ok(200));
+    drop(held);
+    let deadline = tokio::time::Instant::now() + MARGIN;
+    let mut live = None;
+    while live != Some(200) && tokio::time::Instant::now() < deadline {
+        let mut stream = TcpStream::connect(relay.admin).await.expect("connect");
+        let head = raw_request_head("GET", "/livez", relay.admin, &[]);
+        stream.write_all(head.as_bytes()).await.expect("write");
+        live = read_response(&mut stream, Duration::from_secs(1))
+            .await
+            .status;
+    }
+    assert_eq!(live, Some(200), "admin listener serves again");
+    let broker = TestBroker::connect().await;
+    relay.finish(&broker, &[]).await;
+}
+
+// ---------------------------------------------------------------- issue 12: PROXY protocol, transfer codings
+
+/// One delivery, claiming `forwarded` in X-Forwarded-For, on a connection
+/// that starts with `preamble`: the status, 0 if closed without an answer.
+async fn post_after(relay: &TestRelay, preamble: &[u8], forwarded: &str, id: &str) -> u16 {
+    let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
+    let _ = stream.write_all(preamble).await;
+    let mut headers = signed_headers(SECRET, id, now_secs(), BODY);
+    headers.push(("content-length".into(), BODY.len().to_string()));
+    headers.push(("x-forwarded-for".into(), forwarded.into()));
+    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
+    bytes.extend(BODY);
+    let _ = stream.write_all(&bytes).await;
+    read_response(&mut stream, Duration::from_secs(10))
+        .await
+        .status
+        .unwrap_or(0)
+}
+
+/// A v2 header: signature, version/command, family/protocol, payload.
+fn v2(command: u8, family: u8, payload: &[u8]) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend([command, family]);
+    header.extend(u16::try_from(payload.len()).expect("len").to_be_bytes());
+    header.extend(payload);
+    header
+}
+
+/// The report: `PROXY UNKNOWN` (or a v2 LOCAL/UNSPEC/AF_UNIX header) from
+/// the trusted load balancer, then `X-Forwarded-For: <allowed address>`,
+/// got 200. With PROXY protocol the client is the header's source or the
+/// TCP peer, never a forwarded header.
+#[tokio::test]
+async fn with_proxy_protocol_forwarded_for_is_never_believed() {
+    let relay = TestRelay::start(opts(
+        &["203.0.113.7/32"],
+        &["127.0.0.1/32", "203.0.113.0/24"],
+        &["--proxy-protocol"],
+    ))
+    .await;
+    let (broker, queue) = relay.watch_all().await;
+    let unix_addresses = [0u8; 216];
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("v1 UNKNOWN", b"PROXY UNKNOWN\r\n".to_vec()),
+        ("v2 LOCAL", v2(0x20, 0x00, &[])),
+        ("v2 PROXY UNSPEC", v2(0x21, 0x00, &[])),
+        ("v2 PROXY AF_UNIX", v2(0x21, 0x31, &unix_addresses)),
+    ];
+    for (what, preamble) in cases {
+        let status = post_after(&relay, &preamble, "203.0.113.7", &new_id()).await;
+        assert_ne!(status, 200, "{what} + X-Forwarded-For was believed");
+        assert_eq!(
+            status, 0,
+            "{what}: the TCP peer is not allowed: closed at once"
+        );
+    }
+    assert_nothing_published(&broker, &queue).await;
+    // A named source that is itself a trusted proxy: its forwarded header
+    // is still not walked.
+    let id = new_id();
+    let status = post_after(
+        &relay,
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 443\r\n",
+        "198.51.100.9",
+        &id,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_all_arrived(&broker, &queue, &[id]).await;
+    relay.finish(&broker, &[&queue]).await;
+}
+
+async fn assert_nothing_published(broker: &TestBroker, queue: &str) {
+    let got = broker.drain(queue, 1, Duration::from_millis(300)).await;
+    assert!(got.is_empty(), "{} unexpected message(s)", got.len());
+}
+
+/// Found in the review: `gzip, chunked` and `identity, chunked` were
+/// accepted and the body passed on undecoded; a proxy in front may read
+/// such a body differently.
+#[tokio::test]
+async fn transfer_codings_other_than_a_single_chunked_get_400_and_close() {
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &[])).await;
+    let (broker, queue) = relay.watch_all().await;
+    let mut chunked_body = format!("{:x}\r\n", BODY.len()).into_bytes();
+    chunked_body.extend(BODY);
+    chunked_body.extend(b"\r\n0\r\n\r\n");
+    let cases: [(&[&str], u16); 5] = [
+        (&["gzip, chunked"], 400),
+        (&["identity, chunked"], 400),
+        (&["chunked, chunked"], 400),
+        (&["gzip", "chunked"], 400),
+        (&["chunked"], 200),
+    ];
+    let mut ok = Vec::new();
+    for (codings, expect) in cases {
+        let id = new_id();
+        let mut headers = signed_headers(SECRET, &id, now_secs(), BODY);
+        for coding in codings {
+            headers.push(("transfer-encoding".into(), coding.to_string()));
+        }
+        let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
+        let mut bytes = raw_head(relay.addr, &headers).into_bytes();
+        bytes.extend(&chunked_body);
+        stream.write_all(&bytes).await.expect("write");
+        let raw = read_response(&mut stream, MARGIN).await;
+        assert_eq!(raw.status, Some(expect), "{codings:?}: {}", raw.text);
+        if expect == 200 {
+            ok.push(id);
+        } else {
+            assert!(raw.says_close(), "{codings:?}: {}", raw.text);
+        }
+    }
+    assert_all_arrived(&broker, &queue, &ok).await;
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_rejections_total{reason="bad_transfer_encoding"}"#)
+            .await,
+        4.0
+    );
+    relay.finish(&broker, &[&queue]).await;
+}

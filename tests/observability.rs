@@ -267,9 +267,11 @@ async fn published_events_count_by_known_name_or_other() {
 #[tokio::test]
 async fn a_client_outside_the_allowlist_counts_as_forbidden_not_allowlisted() {
     require_broker!();
-    // Its allowlist excludes 127.0.0.1: every request is forbidden.
+    // A client outside the allowlist behind the trusted proxy 127.0.0.1
+    // (a peer that is neither is closed at accept, before any request).
     let relay = TestRelay::start(RelayOptions {
         allow: vec!["10.0.0.0/8".into()],
+        trusted_proxies: vec!["127.0.0.1/32".into()],
         extra: relaxed(),
         ..RelayOptions::default()
     })
@@ -277,7 +279,8 @@ async fn a_client_outside_the_allowlist_counts_as_forbidden_not_allowlisted() {
     let broker = TestBroker::connect().await;
     let id = new_id();
     let (scrapes, status) = Scrapes::around(&relay, async {
-        let headers = signed_headers(SECRET, &id, now_secs(), VERIFIED);
+        let mut headers = signed_headers(SECRET, &id, now_secs(), VERIFIED);
+        headers.push(("x-forwarded-for".into(), "192.0.2.1".into()));
         let (status, _, _) =
             request("POST", &relay.url, &headers, Bytes::from_static(VERIFIED)).await;
         status

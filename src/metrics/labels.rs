@@ -78,6 +78,10 @@ label_values! {
         BadProxyHeader => "bad_proxy_header",
         ProxyHeaderTimeout => "proxy_header_timeout",
         HeaderTimeout => "header_timeout",
+        PeerNotAllowed => "peer_not_allowed",
+        TooManyConnectionsFromClient => "too_many_connections_from_client",
+        AdminConnectionLimit => "admin_connection_limit",
+        BadTransferEncoding => "bad_transfer_encoding",
     }
 }
 

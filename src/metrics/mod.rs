@@ -160,7 +160,7 @@ impl Metrics {
             connections_rejected: counter(
                 r,
                 "connections_rejected_total",
-                "Connections closed at once because --max-connections was reached.",
+                "Connections closed at once because --max-connections (and, for allowlisted peers, the reserve) was reached.",
             ),
             requests_in_flight: gauge(r, "requests_in_flight", "Webhook requests being processed."),
             tls_handshake_failures: counter(

@@ -1,6 +1,11 @@
-//! Step 1, up to the first byte of HTTP: the accept loop with its
-//! connection cap, the PROXY protocol header (believed only from trusted
-//! proxies) and the TLS handshake, each bounded by the header timeout.
+//! Step 1, up to the first byte of HTTP: the accept loop and the connection
+//! slots, the PROXY protocol header (believed only from trusted proxies) and
+//! the TLS handshake, each bounded by the header timeout.
+//!
+//! A peer that may not deliver (neither allowlisted nor a trusted proxy;
+//! with PROXY protocol: not a trusted proxy, then a named client outside the
+//! allowlist) is closed here, before TLS and before any byte of HTTP is
+//! read, so that it never holds a slot for longer than an accept.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
@@ -8,11 +13,12 @@ use std::time::Duration;
 
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::conn::http;
+use super::slots::{ClientSlot, PoolSlot, Slots};
+use crate::client::ClientIp;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::Reason;
 use crate::proxy_protocol;
@@ -22,11 +28,15 @@ use crate::state::AppState;
 static ACCEPT_FAILED_LOG: LazyLock<LogThrottle> =
     LazyLock::new(|| LogThrottle::new(1, 1, Duration::from_secs(1)));
 
+/// "connection refused" lines: per reason, 5 a second (a flood is counted
+/// in full by the metric).
+static REFUSED_LOG: LazyLock<LogThrottle> =
+    LazyLock::new(|| LogThrottle::new(Reason::ALL.len(), 5, Duration::from_secs(1)));
+
 /// Accepts connections until `shutdown`, then lets the open ones finish
 /// within the deadline.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
-    let limits = &state.config.limits;
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Arc::new(Slots::new(&state.config.limits));
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -43,15 +53,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
                 }
             },
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            state.metrics.connections_rejected.inc();
-            debug!(%peer, "connection limit reached; closing");
+        // Dropping the stream closes it: nothing read, nothing written.
+        let Some(held) = admit(&state, &slots, peer) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
+        let (state, slots) = (state.clone(), slots.clone());
         let watcher = graceful.watcher();
-        tokio::spawn(connection(stream, peer, state, permit, watcher));
+        tokio::spawn(connection(stream, peer, state, slots, held, watcher));
     }
     drop(listener);
     let deadline = state.config.shutdown.deadline;
@@ -61,10 +70,62 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
     }
 }
 
-/// Counts an open connection for as long as it lives.
+/// Decides on the TCP peer alone whether a connection may hold a slot, and
+/// takes it: the pool (or the reserve, for an allowlisted peer) and, for a
+/// direct client, one of its own. A trusted proxy carries many clients and
+/// has no per-client cap; behind PROXY protocol the client is known, and
+/// counted, only once its header is read.
+fn admit(state: &AppState, slots: &Slots, peer: SocketAddr) -> Option<Held> {
+    let policy = state.policy();
+    let ip = ClientIp::new(peer.ip());
+    let trusted = policy.net.is_trusted_proxy(ip.addr());
+    let allowed = policy.net.check(ip).is_ok();
+    if state.config.proxy_protocol && !trusted {
+        // A PROXY header names any address it likes: believe it only from
+        // the load balancers listed as trusted proxies.
+        return refuse(state, peer, Reason::UntrustedProxyPeer);
+    }
+    if !allowed && !trusted {
+        return refuse(state, peer, Reason::PeerNotAllowed);
+    }
+    let client = if trusted {
+        None
+    } else {
+        match slots.client(ip) {
+            Some(slot) => Some(slot),
+            None => return refuse(state, peer, Reason::TooManyConnectionsFromClient),
+        }
+    };
+    let Some(pool) = slots.pool(allowed) else {
+        state.metrics.connections_rejected.inc();
+        debug!(%peer, "connection limit reached; closing");
+        return None;
+    };
+    Some(Held {
+        _pool: pool,
+        client,
+    })
+}
+
+/// Counts and logs (rate-limited) a connection closed before HTTP.
+fn refuse<T>(state: &AppState, peer: SocketAddr, reason: Reason) -> Option<T> {
+    state.metrics.reject(reason);
+    if let Some(suppressed) = REFUSED_LOG.admit(reason as usize) {
+        info!(%peer, reason = reason.as_str(), suppressed, "connection refused; closing");
+    }
+    None
+}
+
+/// The slots a connection holds for as long as it lives.
+struct Held {
+    _pool: PoolSlot,
+    client: Option<ClientSlot>,
+}
+
+/// Counts an open connection, and holds its slots, for as long as it lives.
 struct OpenConnection {
     state: Arc<AppState>,
-    _permit: OwnedSemaphorePermit,
+    held: Held,
 }
 
 impl Drop for OpenConnection {
@@ -77,42 +138,51 @@ async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     state: Arc<AppState>,
-    permit: OwnedSemaphorePermit,
+    slots: Arc<Slots>,
+    held: Held,
     watcher: Watcher,
 ) {
     state.metrics.connections_open.inc();
-    let _open = OpenConnection {
+    let mut open = OpenConnection {
         state: state.clone(),
-        _permit: permit,
+        held,
     };
     let header_timeout = state.config.limits.header_timeout;
-    let mut peer_ip = peer.ip();
+    let mut client_ip = peer.ip();
     if state.config.proxy_protocol {
-        // A PROXY header names any address it likes: believe it only from
-        // the load balancers listed as trusted proxies.
-        if !state.policy().net.is_trusted_proxy(peer_ip.to_canonical()) {
-            state.metrics.reject(Reason::UntrustedProxyPeer);
-            info!(%peer, "PROXY protocol from a peer outside trusted_proxies; closing");
+        let source =
+            match tokio::time::timeout(header_timeout, proxy_protocol::read_header(&mut stream))
+                .await
+            {
+                // LOCAL/UNKNOWN/UNSPEC/AF_UNIX: the TCP peer is the client.
+                Ok(Ok(source)) => ClientIp::new(source.unwrap_or(client_ip)),
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "PROXY protocol header rejected");
+                    refuse::<()>(&state, peer, Reason::BadProxyHeader);
+                    return;
+                }
+                Err(_) => {
+                    refuse::<()>(&state, peer, Reason::ProxyHeaderTimeout);
+                    return;
+                }
+            };
+        if state.policy().net.check(source).is_err() {
+            refuse::<()>(&state, peer, Reason::PeerNotAllowed);
             return;
         }
-        match tokio::time::timeout(header_timeout, proxy_protocol::read_header(&mut stream)).await {
-            Ok(Ok(Some(source))) => peer_ip = source,
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => {
-                state.metrics.reject(Reason::BadProxyHeader);
-                info!(%peer, error = %e, "PROXY protocol header rejected; closing");
-                return;
-            }
-            Err(_) => {
-                state.metrics.reject(Reason::ProxyHeaderTimeout);
+        match slots.client(source) {
+            Some(slot) => open.held.client = Some(slot),
+            None => {
+                refuse::<()>(&state, peer, Reason::TooManyConnectionsFromClient);
                 return;
             }
         }
+        client_ip = source.addr();
     }
     match state.tls() {
         Some(tls) => {
             match tokio::time::timeout(header_timeout, tls.acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => http(tls_stream, peer_ip, state, watcher).await,
+                Ok(Ok(tls_stream)) => http(tls_stream, client_ip, state, watcher).await,
                 Ok(Err(e)) => {
                     state.metrics.tls_handshake_failures.inc();
                     debug!(%peer, error = %e, "TLS handshake failed");
@@ -123,6 +193,6 @@ async fn connection(
                 }
             }
         }
-        None => http(stream, peer_ip, state, watcher).await,
+        None => http(stream, client_ip, state, watcher).await,
     }
 }

@@ -5,5 +5,6 @@
 
 mod accept;
 mod conn;
+mod slots;
 
 pub use accept::serve;
