@@ -82,7 +82,13 @@ impl Relay {
             listen = %public_addr,
             admin = %admin_addr,
             tls = state.tls().is_some(),
-            path = %state.config.webhook_path,
+            paths = ?state
+                .config
+                .sources
+                .webhooks
+                .iter()
+                .map(|w| w.path.as_str())
+                .collect::<Vec<_>>(),
             "ocrolus-relay serving"
         );
         Ok(Self {

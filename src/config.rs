@@ -229,9 +229,9 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone)]
 pub struct Sources {
     pub allowlist: Option<PathBuf>,
-    pub secret_file: Option<PathBuf>,
-    pub secrets_env: Option<String>,
-    pub basic_auth_file: Option<PathBuf>,
+    /// The webhook sources: one `default` from the single-source flags, or
+    /// the config file's `sources:`. Paths and names are distinct.
+    pub webhooks: Vec<WebhookSource>,
     pub tls: Option<TlsPaths>,
     pub insecure_no_auth: bool,
     pub dev: bool,
@@ -244,11 +244,41 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
+/// One Ocrolus webhook the relay serves: its own path and credentials.
+#[derive(Debug, Clone)]
+pub struct WebhookSource {
+    pub name: String,
+    pub path: String,
+    pub secret_file: Option<PathBuf>,
+    /// `RELAY_WEBHOOK_SECRETS`; only the `default` source reads it.
+    pub secrets_env: Option<String>,
+    pub basic_auth_file: Option<PathBuf>,
+    /// Put before every routing key (`sandbox` → `sandbox.book.verified`).
+    pub routing_key_prefix: Option<String>,
+}
+
+/// One source's reloadable part: the credentials its deliveries must carry.
+#[derive(Debug)]
+pub struct SourcePolicy {
+    pub name: String,
+    pub path: String,
+    pub auth: AuthPolicy,
+    pub routing_key_prefix: Option<String>,
+}
+
 /// The part of the configuration that SIGHUP swaps atomically.
 #[derive(Debug)]
 pub struct Policy {
     pub net: NetPolicy,
-    pub auth: AuthPolicy,
+    pub sources: Vec<SourcePolicy>,
+}
+
+impl Policy {
+    /// Step 4: the source whose path this is. A delivery is only ever
+    /// checked against its own source's credentials.
+    pub fn source(&self, path: &str) -> Option<&SourcePolicy> {
+        self.sources.iter().find(|s| s.path == path)
+    }
 }
 
 impl Sources {
@@ -259,21 +289,38 @@ impl Sources {
             (None, true) => NetPolicy::loopback_only(),
             (None, false) => return Err(ConfigError::new("no allowlist given")),
         };
-        let mut secrets = match &self.secret_file {
+        let sources = self
+            .webhooks
+            .iter()
+            .map(|source| {
+                self.load_source(source).map_err(|e| {
+                    if self.webhooks.len() == 1 {
+                        e
+                    } else {
+                        ConfigError::new(format!("source {}: {e}", source.name))
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Policy { net, sources })
+    }
+
+    fn load_source(&self, source: &WebhookSource) -> Result<SourcePolicy, ConfigError> {
+        let mut secrets = match &source.secret_file {
             Some(path) => Secrets::load(path)?,
             None => Secrets::default(),
         };
-        if let Some(list) = &self.secrets_env {
+        if let Some(list) = &source.secrets_env {
             let from_env = Secrets::parse(list, "RELAY_WEBHOOK_SECRETS", ',')?;
             if from_env.is_empty() && !list.trim().is_empty() {
                 return Err(ConfigError::new("RELAY_WEBHOOK_SECRETS holds no secret"));
             }
             secrets.extend(from_env);
         }
-        if self.dev && secrets.is_empty() && self.basic_auth_file.is_none() {
+        if self.dev && secrets.is_empty() && source.basic_auth_file.is_none() {
             secrets.extend(Secrets::parse(DEV_SECRET, "the development secret", ',')?);
         }
-        let basic = match &self.basic_auth_file {
+        let basic = match &source.basic_auth_file {
             Some(path) => BasicCredentials::load(path)?,
             None => BasicCredentials::default(),
         };
@@ -283,7 +330,12 @@ impl Sources {
             self.timestamp_tolerance,
             self.insecure_no_auth,
         )?;
-        Ok(Policy { net, auth })
+        Ok(SourcePolicy {
+            name: source.name.clone(),
+            path: source.path.clone(),
+            auth,
+            routing_key_prefix: source.routing_key_prefix.clone(),
+        })
     }
 }
 
@@ -349,7 +401,6 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub proxy_protocol: bool,
-    pub webhook_path: String,
     pub sources: Sources,
     pub broker: BrokerConfig,
     pub spool: SpoolConfig,
@@ -397,12 +448,7 @@ impl Config {
                 "--insecure-no-auth is only allowed with --dev or a loopback --listen",
             ));
         }
-        if !args.webhook_path.starts_with('/') {
-            return Err(ConfigError::new(format!(
-                "--webhook-path must start with '/': {:?}",
-                args.webhook_path
-            )));
-        }
+        let webhooks = webhook_sources(args, secrets_env)?;
         check_exchange_name("--exchange", &args.broker.exchange)?;
         let alternate_exchange = match args.alternate_exchange.as_str() {
             "" => None,
@@ -480,12 +526,9 @@ impl Config {
             listen,
             admin_listen: args.admin_listen,
             proxy_protocol: args.proxy_protocol,
-            webhook_path: args.webhook_path.clone(),
             sources: Sources {
                 allowlist,
-                secret_file: args.secret_file.clone(),
-                secrets_env,
-                basic_auth_file: args.basic_auth_file.clone(),
+                webhooks,
                 tls,
                 insecure_no_auth: args.insecure_no_auth,
                 dev: args.dev,
@@ -539,6 +582,109 @@ impl Config {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+
+/// The sources: the config file's `sources:` list, or one `default` made
+/// of the single-source flags. Names are short and plain (they become a
+/// metric label and a header value); paths are distinct.
+fn webhook_sources(
+    args: &ServeArgs,
+    secrets_env: Option<String>,
+) -> Result<Vec<WebhookSource>, ConfigError> {
+    let listed = match &args.config {
+        Some(path) => crate::config_file::ConfigFile::load(path)?.sources,
+        None => None,
+    };
+    let Some(entries) = listed else {
+        if !args.webhook_path.starts_with('/') {
+            return Err(ConfigError::new(format!(
+                "--webhook-path must start with '/': {:?}",
+                args.webhook_path
+            )));
+        }
+        return Ok(vec![WebhookSource {
+            name: DEFAULT_SOURCE.to_owned(),
+            path: args.webhook_path.clone(),
+            secret_file: args.secret_file.clone(),
+            secrets_env,
+            basic_auth_file: args.basic_auth_file.clone(),
+            routing_key_prefix: None,
+        }]);
+    };
+    if args.secret_file.is_some()
+        || args.basic_auth_file.is_some()
+        || secrets_env.is_some()
+        || args.webhook_path != DEFAULT_WEBHOOK_PATH
+    {
+        return Err(ConfigError::new(
+            "with `sources:` in the config file, give each source its own path, secret_file and basic_auth_file (not --webhook-path, --secret-file, --basic-auth-file or RELAY_WEBHOOK_SECRETS)",
+        ));
+    }
+    if entries.is_empty() {
+        return Err(ConfigError::new("`sources:` is empty"));
+    }
+    let mut sources: Vec<WebhookSource> = Vec::new();
+    for entry in entries {
+        let line = entry.name.referenced.line();
+        let name = entry.name.value;
+        let plain = (1..=32).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !plain {
+            return Err(ConfigError::new(format!(
+                "line {line}: source name {name:?}: use 1-32 of a-z, 0-9, '-', '_'"
+            )));
+        }
+        let path_line = entry.path.referenced.line();
+        let path = entry.path.value;
+        if !path.starts_with('/') {
+            return Err(ConfigError::new(format!(
+                "line {path_line}: source {name}: path must start with '/': {path:?}"
+            )));
+        }
+        if let Some(other) = sources.iter().find(|s| s.name == name) {
+            return Err(ConfigError::new(format!(
+                "line {line}: source name {:?} is used twice",
+                other.name
+            )));
+        }
+        if let Some(other) = sources.iter().find(|s| s.path == path) {
+            return Err(ConfigError::new(format!(
+                "line {path_line}: source {name}: path {path} is already the path of source {}",
+                other.name
+            )));
+        }
+        if entry.secret_file.is_none() && entry.basic_auth_file.is_none() && !args.insecure_no_auth
+        {
+            return Err(ConfigError::new(format!(
+                "line {line}: source {name} has neither secret_file nor basic_auth_file"
+            )));
+        }
+        let routing_key_prefix = match entry.routing_key_prefix {
+            Some(prefix) => {
+                let value = prefix.value.trim_end_matches('.').to_owned();
+                if !crate::event::is_well_formed(&value) {
+                    return Err(ConfigError::new(format!(
+                        "line {}: source {name}: routing_key_prefix {:?} is not a routing-key word",
+                        prefix.referenced.line(),
+                        prefix.value
+                    )));
+                }
+                Some(value)
+            }
+            None => None,
+        };
+        sources.push(WebhookSource {
+            name,
+            path,
+            secret_file: entry.secret_file,
+            secrets_env: None,
+            basic_auth_file: entry.basic_auth_file,
+            routing_key_prefix,
+        });
+    }
+    Ok(sources)
 }
 
 fn check_exchange_name(flag: &str, name: &str) -> Result<(), ConfigError> {

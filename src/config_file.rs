@@ -1,5 +1,6 @@
 //! `--config relay.yaml`: every `serve` setting under its flag's name (with
-//! `_` for `-`: `admin_listen`, `rate_limit_per_ip`). Precedence: flag, then `RELAY_*` environment, then the file, then
+//! `_` for `-`: `admin_listen`, `rate_limit_per_ip`), and the `sources:`
+//! list (several Ocrolus webhooks, each with its own path and credentials). Precedence: flag, then `RELAY_*` environment, then the file, then
 //! the built-in default — the file's values become the flags' defaults, and
 //! each is checked by the flag's own parser, so a value means the same in
 //! both places. Unknown keys and bad values are errors naming their line.
@@ -47,6 +48,10 @@ macro_rules! settings {
                 #[serde(default)]
                 $key: Option<Spanned<Setting>>,
             )*
+            /// Webhook sources; absent means the one source of the
+            /// single-source settings, called `default`.
+            #[serde(default)]
+            pub sources: Option<Vec<SourceEntry>>,
         }
 
         impl ConfigFile {
@@ -111,6 +116,20 @@ settings!(
     log_format,
     dev,
 );
+
+/// One entry of `sources:`, as written (validated in `config`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceEntry {
+    pub name: Spanned<String>,
+    pub path: Spanned<String>,
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub basic_auth_file: Option<PathBuf>,
+    #[serde(default)]
+    pub routing_key_prefix: Option<Spanned<String>>,
+}
 
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

@@ -18,7 +18,7 @@ use tracing::info;
 
 use crate::auth::{DeliveryId, REQUEST_ID_HEADER};
 use crate::client::ClientIp;
-use crate::config::Policy;
+use crate::config::{DEFAULT_SOURCE, Policy, SourcePolicy};
 use crate::dedup::Claim;
 use crate::event::Envelope;
 use crate::limits::{self, InFlight};
@@ -179,8 +179,8 @@ async fn process(
     body: Incoming,
 ) -> Result<Accepted, Refused> {
     // 3-6, before any of the body is read.
-    let in_flight = match admit(state, policy, client, &parts) {
-        Ok(in_flight) => in_flight,
+    let (in_flight, source) = match admit(state, policy, client, &parts) {
+        Ok(admitted) => admitted,
         Err(reject) => {
             return Err(Refused {
                 reject,
@@ -195,7 +195,7 @@ async fn process(
     let deadline = state.config.limits.request_timeout;
     let delivered = tokio::time::timeout(
         deadline,
-        deliver(state, policy, client, parts, body, &mut body_read),
+        deliver(state, source, client, parts, body, &mut body_read),
     )
     .await
     .unwrap_or(Err(Reject::Deadline));
@@ -206,20 +206,19 @@ async fn process(
     })
 }
 
-/// Steps 3-6: allowlist, route, declared size, rate limits and in-flight cap.
-fn admit(
+/// Steps 3-6: allowlist, route to the path's source, declared size, rate
+/// limits and in-flight cap.
+fn admit<'p>(
     state: &AppState,
-    policy: &Policy,
+    policy: &'p Policy,
     client: ClientIp,
     parts: &Parts,
-) -> Result<InFlight, Reject> {
+) -> Result<(InFlight, &'p SourcePolicy), Reject> {
     // 3. Allowlist.
     policy.net.check(client)?;
 
-    // 4. Route.
-    if parts.uri.path() != state.config.webhook_path {
-        return Err(Reject::NotFound);
-    }
+    // 4. Route: the path names the source, and only its credentials count.
+    let source = policy.source(parts.uri.path()).ok_or(Reject::NotFound)?;
     if parts.method != Method::POST {
         return Err(Reject::MethodNotAllowed);
     }
@@ -228,14 +227,14 @@ fn admit(
     let limits = &state.config.limits;
     limits::check_transfer_encoding(&parts.headers)?;
     limits::check_declared_len(&parts.headers, limits.max_body)?;
-    Ok(state.admission.admit(client)?)
+    Ok((state.admission.admit(client)?, source))
 }
 
 /// Steps 7-13 for an admitted request; `body_read` is set once the body
 /// has been read whole.
 async fn deliver(
     state: &AppState,
-    policy: &Policy,
+    source: &SourcePolicy,
     client: ClientIp,
     parts: Parts,
     body: Incoming,
@@ -248,13 +247,13 @@ async fn deliver(
     let received_at_ms = crate::now_ms();
 
     // 8. Authenticate over the raw bytes.
-    let verified = policy
+    let verified = source
         .auth
         .verify(&parts.headers, body, received_at_ms / 1000)?;
 
-    // 9. Event and routing key; JSON that names no routable event goes out
-    // unclassified, never refused.
-    let event = state.config.events.resolve(&verified.get().body)?;
+    // 9. Event and routing key (under the source's prefix, if it has one);
+    // JSON that names no routable event goes out unclassified, never refused.
+    let mut event = state.config.events.resolve(&verified.get().body)?;
     if let Some(reason) = event.unclassified {
         state
             .metrics
@@ -262,13 +261,23 @@ async fn deliver(
             .with_label_values(&[reason.as_str()])
             .inc();
     }
+    if let Some(prefix) = &source.routing_key_prefix {
+        event.routing_key = format!("{prefix}.{}", event.routing_key);
+    }
     // An id no signature covers is trusted only together with its body.
     let digest: Option<[u8; 32]> =
         (!verified.get().id_signed).then(|| Sha256::digest(&verified.get().body).into());
     let mut envelope = Envelope::new(verified, event, client, received_at_ms);
 
-    // 10. De-duplicate: a twin in flight waits for this one's outcome.
-    let claim = match state.dedup.claim(&envelope.id, digest.as_ref()).await {
+    // 10. De-duplicate: a twin in flight waits for this one's outcome. Ids
+    // are per source; the default source keeps the bare id, which is also
+    // what the spool remembers across restarts.
+    let key = if source.name == DEFAULT_SOURCE {
+        envelope.id.clone()
+    } else {
+        format!("{}\u{1f}{}", source.name, envelope.id)
+    };
+    let claim = match state.dedup.claim(&key, digest.as_ref()).await {
         Claim::Duplicate => {
             return Ok(Accepted {
                 id: envelope.id,

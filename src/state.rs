@@ -99,13 +99,19 @@ impl AppState {
     /// What `GET /secrets` shows: per source, counts and fingerprints.
     pub fn secrets_status(&self) -> serde_json::Value {
         let policy = self.policy();
-        serde_json::json!([{
-            "name": crate::config::DEFAULT_SOURCE,
-            "path": self.config.webhook_path,
-            "hmac_secrets": policy.auth.hmac_secrets(),
-            "fingerprints": policy.auth.secret_fingerprints(),
-            "basic_credentials": policy.auth.basic_credentials(),
-        }])
+        policy
+            .sources
+            .iter()
+            .map(|source| {
+                serde_json::json!({
+                    "name": source.name,
+                    "path": source.path,
+                    "hmac_secrets": source.auth.hmac_secrets(),
+                    "fingerprints": source.auth.secret_fingerprints(),
+                    "basic_credentials": source.auth.basic_credentials(),
+                })
+            })
+            .collect()
     }
 
     /// `/readyz`: can an event be made safe right now? A pure read; the

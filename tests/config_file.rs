@@ -115,8 +115,8 @@ fn config_file_mistakes_name_their_line_and_exit_64() {
 }
 
 /// Reads the child's JSON log (to the end, so it never writes to a closed
-/// pipe) and returns the public address from the "serving" line.
-async fn serving_address(child: &mut tokio::process::Child) -> String {
+/// pipe) and returns the public and admin addresses from the "serving" line.
+async fn serving_addresses(child: &mut tokio::process::Child) -> (String, String) {
     let stderr = child.stderr.take().unwrap().into_owned_fd().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
@@ -127,7 +127,10 @@ async fn serving_address(child: &mut tokio::process::Child) -> String {
                 && v["message"] == "ocrolus-relay serving"
                 && let Some(tx) = tx.take()
             {
-                let _ = tx.send(v["listen"].as_str().unwrap_or_default().to_owned());
+                let _ = tx.send((
+                    v["listen"].as_str().unwrap_or_default().to_owned(),
+                    v["admin"].as_str().unwrap_or_default().to_owned(),
+                ));
             }
         }
     });
@@ -135,6 +138,30 @@ async fn serving_address(child: &mut tokio::process::Child) -> String {
         .await
         .expect("the relay started in time")
         .expect("the relay started from its config file")
+}
+
+/// The relay declares its exchange once connected; binds a queue then.
+async fn bind_when_declared(broker: &TestBroker, exchange: &str) -> String {
+    for _ in 0..200 {
+        let channel = broker.connection.create_channel().await.unwrap();
+        let exists = channel
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        if exists {
+            return broker.bind_queue(exchange, "#").await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the relay never declared {exchange}");
 }
 
 #[tokio::test]
@@ -155,33 +182,11 @@ async fn serve_from_a_config_file_publishes_what_it_accepts() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let listen = serving_address(&mut child).await;
+    let (listen, _) = serving_addresses(&mut child).await;
     let broker = TestBroker::connect().await;
-    // The relay declares the exchange once connected; bind when it exists.
     let url = format!("http://{listen}/webhooks/ocrolus");
     let body = br#"{"event_name":"book.verified","book_uuid":"b"}"#;
-    let mut queue = None;
-    for _ in 0..200 {
-        let channel = broker.connection.create_channel().await.unwrap();
-        let exists = channel
-            .exchange_declare(
-                exchange.as_str().into(),
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .is_ok();
-        if exists {
-            queue = Some(broker.bind_queue(&exchange, "#").await);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let queue = queue.expect("the relay declared its exchange");
+    let queue = bind_when_declared(&broker, &exchange).await;
     let id = common::new_id();
     let headers = common::signed_headers(SECRET, &id, common::now_secs(), body);
     let (status, _, _) = common::request("POST", &url, &headers, Bytes::from_static(body)).await;
@@ -196,4 +201,238 @@ async fn serve_from_a_config_file_publishes_what_it_accepts() {
         .delete_exchange(&format!("{exchange}.unrouted"))
         .await;
     broker.delete_queue(&format!("{exchange}.unrouted")).await;
+}
+
+const PRODUCTION_SECRET: &str = "production-secret-0123456789abcdef";
+const SANDBOX_SECRET: &str = "sandbox-secret-0123456789abcdef";
+const SANDBOX_NEXT: &str = "sandbox-next-secret-9876543210fedcba";
+
+fn write_secret_file(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+}
+
+/// A config with two sources; the sandbox routes under `sandbox.`.
+fn two_sources(exchange: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    std::fs::write(p.join("allowlist.yaml"), "allow: [127.0.0.1/32]\n").unwrap();
+    write_secret_file(
+        &p.join("production.secrets"),
+        &format!("{PRODUCTION_SECRET}\n"),
+    );
+    write_secret_file(&p.join("sandbox.secrets"), &format!("{SANDBOX_SECRET}\n"));
+    std::fs::write(
+        p.join("relay.yaml"),
+        format!(
+            "plaintext: true
+listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+allowlist: {dir}/allowlist.yaml
+spool_dir: {dir}/spool
+exchange: {exchange}
+alternate_exchange: {exchange}.unrouted
+log_format: json
+sources:
+  - name: production
+    path: /webhooks/ocrolus
+    secret_file: {dir}/production.secrets
+  - name: sandbox
+    path: /webhooks/ocrolus-sandbox
+    secret_file: {dir}/sandbox.secrets
+    routing_key_prefix: sandbox
+",
+            dir = p.display()
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+async fn post(base: &str, path: &str, secret: &str, body: &'static [u8]) -> u16 {
+    let id = common::new_id();
+    let headers = common::signed_headers(secret, &id, common::now_secs(), body);
+    common::request(
+        "POST",
+        &format!("{base}{path}"),
+        &headers,
+        Bytes::from_static(body),
+    )
+    .await
+    .0
+}
+
+async fn fingerprints(admin: &str, source: &str) -> Vec<String> {
+    let (status, _, body) = common::get(&format!("http://{admin}/secrets")).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == source)
+        .map(|s| {
+            s["fingerprints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (bounded) until the relay reports `count` secrets for `source`.
+async fn wait_for_secrets(admin: &str, source: &str, count: usize) {
+    for _ in 0..500 {
+        if fingerprints(admin, source).await.len() == count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("source {source} never reported {count} secrets");
+}
+
+fn sighup(child: &tokio::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn two_sources_keep_their_paths_secrets_and_routing_apart() {
+    let exchange = common::unique("test.sources");
+    let dir = two_sources(&exchange);
+
+    let (code, out, err) = check_config(dir.path(), &[], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("source production   /webhooks/ocrolus (1 HMAC secrets, 0 Basic credentials)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("source sandbox      /webhooks/ocrolus-sandbox (1 HMAC secrets, 0 Basic credentials, routing keys sandbox.*)"),
+        "{out}"
+    );
+    assert!(!out.contains(PRODUCTION_SECRET) && !out.contains(SANDBOX_SECRET));
+
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.path().join("relay.yaml"))
+        .env("RUST_LOG", "info,lapin=warn,amq_protocol=warn")
+        .env_remove("RELAY_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (listen, admin) = serving_addresses(&mut child).await;
+    let base = format!("http://{listen}");
+    let broker = TestBroker::connect().await;
+    let queue = bind_when_declared(&broker, &exchange).await;
+    let body: &'static [u8] = br#"{"event_name":"book.verified","book_uuid":"b"}"#;
+
+    assert_eq!(
+        post(&base, "/webhooks/ocrolus", PRODUCTION_SECRET, body).await,
+        200
+    );
+    assert_eq!(
+        post(&base, "/webhooks/ocrolus-sandbox", SANDBOX_SECRET, body).await,
+        200
+    );
+    // Signed for one source, sent to the other: 401 both ways.
+    assert_eq!(
+        post(&base, "/webhooks/ocrolus", SANDBOX_SECRET, body).await,
+        401
+    );
+    assert_eq!(
+        post(&base, "/webhooks/ocrolus-sandbox", PRODUCTION_SECRET, body).await,
+        401
+    );
+    let messages = broker.drain(&queue, 2, Duration::from_secs(10)).await;
+    let mut keys: Vec<String> = messages
+        .iter()
+        .map(|m| m.delivery.routing_key.to_string())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["book.verified", "sandbox.book.verified"]);
+
+    // SIGHUP rotates the sandbox's secrets; production is untouched.
+    let sandbox_file = dir.path().join("sandbox.secrets");
+    write_secret_file(
+        &sandbox_file,
+        &format!("{SANDBOX_NEXT}\n{SANDBOX_SECRET}\n"),
+    );
+    sighup(&child);
+    wait_for_secrets(&admin, "sandbox", 2).await;
+    assert_eq!(
+        post(&base, "/webhooks/ocrolus-sandbox", SANDBOX_NEXT, body).await,
+        200
+    );
+    assert_eq!(
+        post(&base, "/webhooks/ocrolus-sandbox", SANDBOX_SECRET, body).await,
+        200
+    );
+    write_secret_file(&sandbox_file, &format!("{SANDBOX_NEXT}\n"));
+    sighup(&child);
+    wait_for_secrets(&admin, "sandbox", 1).await;
+    assert_eq!(
+        post(&base, "/webhooks/ocrolus-sandbox", SANDBOX_SECRET, body).await,
+        401
+    );
+    assert_eq!(
+        post(&base, "/webhooks/ocrolus-sandbox", SANDBOX_NEXT, body).await,
+        200
+    );
+    assert_eq!(
+        post(&base, "/webhooks/ocrolus", PRODUCTION_SECRET, body).await,
+        200
+    );
+    assert_eq!(fingerprints(&admin, "production").await.len(), 1);
+    let later = broker.drain(&queue, 4, Duration::from_secs(10)).await;
+    assert_eq!(later.len(), 4, "every 200 is a message");
+
+    let _ = child.kill().await;
+    broker.delete_queue(&queue).await;
+    broker.delete_exchange(&exchange).await;
+    broker
+        .delete_exchange(&format!("{exchange}.unrouted"))
+        .await;
+    broker.delete_queue(&format!("{exchange}.unrouted")).await;
+}
+
+#[test]
+fn sources_must_have_distinct_paths_and_names_and_their_own_files() {
+    let dir = two_sources("test.unused");
+    let path = dir.path().join("relay.yaml");
+    let yaml = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        yaml.replace("/webhooks/ocrolus-sandbox", "/webhooks/ocrolus"),
+    )
+    .unwrap();
+    let (code, _, err) = check_config(dir.path(), &[], &[]);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("line 14") && err.contains("already the path of source production"),
+        "{err}"
+    );
+
+    std::fs::write(&path, yaml.replace("name: sandbox", "name: production")).unwrap();
+    let (code, _, err) = check_config(dir.path(), &[], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("used twice"), "{err}");
+
+    let (code, _, err) = check_config(dir.path(), &["--secret-file", "/x"], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("with `sources:`"), "{err}");
+
+    std::fs::write(&path, format!("{yaml}    exchange: other\n")).unwrap();
+    let (code, _, err) = check_config(dir.path(), &[], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("exchange"), "{err}");
 }

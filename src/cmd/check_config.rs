@@ -28,7 +28,6 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
         if tls.is_some() { "TLS" } else { "plaintext" }
     );
     println!("admin listen:      {}", config.admin_listen);
-    println!("webhook path:      {}", config.webhook_path);
     println!(
         "allowlist:         {} entries, {} trusted proxies{}",
         policy.net.allowed().len(),
@@ -47,25 +46,40 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
             "off"
         }
     );
-    let hmac = policy.auth.hmac_secrets();
-    let basic = policy.auth.basic_credentials();
+    let (mut hmac, mut basic) = (0, 0);
+    for (source, loaded) in config.sources.webhooks.iter().zip(&policy.sources) {
+        println!(
+            "source {:<12} {} ({} HMAC secrets, {} Basic credentials{})",
+            source.name,
+            source.path,
+            loaded.auth.hmac_secrets(),
+            loaded.auth.basic_credentials(),
+            source
+                .routing_key_prefix
+                .as_deref()
+                .map(|p| format!(", routing keys {p}.*"))
+                .unwrap_or_default()
+        );
+        hmac += loaded.auth.hmac_secrets();
+        basic += loaded.auth.basic_credentials();
+        let files = [
+            ("secret file", &source.secret_file),
+            ("basic auth file", &source.basic_auth_file),
+        ];
+        for (what, path) in files {
+            if let Some(path) = path {
+                let origin = format!("{what} {}", path.display());
+                if check_file_mode(path, &origin)? == FileExposure::ReadableByOthers {
+                    println!("WARNING: {origin} is readable by others; chmod 600 it");
+                }
+            }
+        }
+    }
     println!("HMAC secrets:      {hmac}");
     println!("Basic credentials: {basic}");
     println!(
         "credential files:  one entry per line; a line is a comment only if '#' is followed by a space"
     );
-    let files = [
-        ("secret file", &config.sources.secret_file),
-        ("basic auth file", &config.sources.basic_auth_file),
-    ];
-    for (what, path) in files {
-        if let Some(path) = path {
-            let origin = format!("{what} {}", path.display());
-            if check_file_mode(path, &origin)? == FileExposure::ReadableByOthers {
-                println!("WARNING: {origin} is readable by others; chmod 600 it");
-            }
-        }
-    }
     if hmac == 0 && basic == 0 {
         println!("WARNING: authentication is OFF (--insecure-no-auth)");
     }

@@ -76,21 +76,26 @@ impl ApiArgs {
 /// Which relay source a command is about, and where that relay is.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SourceArgs {
-    /// Source name (the single-source flags describe the source `default`).
+    /// The relay's config file: the source's path and files, and the admin
+    /// address, come from it.
+    #[arg(long, env = "RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Source name (the single-source settings describe the source `default`).
     #[arg(long, default_value = DEFAULT_SOURCE)]
     pub source: String,
-    /// The source's HMAC secret file (as given to `serve`).
+    /// Without --config: the source's HMAC secret file (as given to `serve`).
     #[arg(long, env = "RELAY_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
-    /// The source's Basic credentials file (as given to `serve`).
+    /// Without --config: the source's Basic credentials file.
     #[arg(long, env = "RELAY_BASIC_AUTH_FILE")]
     pub basic_auth_file: Option<PathBuf>,
-    /// The source's webhook path (as given to `serve`).
+    /// Without --config: the source's webhook path.
     #[arg(long, env = "RELAY_WEBHOOK_PATH", default_value = "/webhooks/ocrolus")]
     pub webhook_path: String,
-    /// The running relay's admin listener.
-    #[arg(long, env = "RELAY_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
-    pub admin_url: String,
+    /// The running relay's admin listener [default: the config's
+    /// admin_listen, else http://127.0.0.1:9090].
+    #[arg(long, env = "RELAY_ADMIN_URL")]
+    pub admin_url: Option<String>,
 }
 
 /// A relay source as the management commands need it.
@@ -100,21 +105,77 @@ pub struct SourceRef {
     pub path: String,
     pub secret_file: Option<PathBuf>,
     pub basic_auth_file: Option<PathBuf>,
+    pub admin_url: String,
 }
 
 impl SourceArgs {
+    /// With `--config`, reads the file exactly as `serve` would (flags and
+    /// environment included) and picks the named source.
     pub fn resolve(&self) -> anyhow::Result<SourceRef> {
-        if self.source != DEFAULT_SOURCE {
-            bail!(
-                "source {:?}: without a config file the only source is {DEFAULT_SOURCE:?}",
-                self.source
-            );
-        }
+        let Some(path) = &self.config else {
+            if self.source != DEFAULT_SOURCE {
+                bail!(
+                    "source {:?}: without --config the only source is {DEFAULT_SOURCE:?}",
+                    self.source
+                );
+            }
+            return Ok(SourceRef {
+                name: self.source.clone(),
+                path: self.webhook_path.clone(),
+                secret_file: self.secret_file.clone(),
+                basic_auth_file: self.basic_auth_file.clone(),
+                admin_url: self
+                    .admin_url
+                    .clone()
+                    .unwrap_or_else(|| "http://127.0.0.1:9090".to_owned()),
+            });
+        };
+        let argv = [
+            std::ffi::OsString::from("ocrolus-relay"),
+            "check-config".into(),
+            "--config".into(),
+            path.into(),
+        ];
+        let cli = crate::cli::parse_from(argv, None).map_err(|e| anyhow!("{e}"))?;
+        let crate::cli::Command::CheckConfig(args) = cli.command else {
+            bail!("cannot read {}", path.display());
+        };
+        let config =
+            crate::config::Config::from_args(&args, std::env::var("RELAY_WEBHOOK_SECRETS").ok())?;
+        let source = config
+            .sources
+            .webhooks
+            .iter()
+            .find(|s| s.name == self.source)
+            .ok_or_else(|| {
+                let names: Vec<&str> = config
+                    .sources
+                    .webhooks
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect();
+                anyhow!(
+                    "{} has no source {:?} (sources: {})",
+                    path.display(),
+                    self.source,
+                    names.join(", ")
+                )
+            })?;
+        let admin = config.admin_listen;
+        let admin_host = if admin.ip().is_unspecified() {
+            format!("127.0.0.1:{}", admin.port())
+        } else {
+            admin.to_string()
+        };
         Ok(SourceRef {
-            name: self.source.clone(),
-            path: self.webhook_path.clone(),
-            secret_file: self.secret_file.clone(),
-            basic_auth_file: self.basic_auth_file.clone(),
+            name: source.name.clone(),
+            path: source.path.clone(),
+            secret_file: source.secret_file.clone(),
+            basic_auth_file: source.basic_auth_file.clone(),
+            admin_url: self
+                .admin_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{admin_host}")),
         })
     }
 }

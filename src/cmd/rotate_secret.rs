@@ -104,7 +104,7 @@ pub async fn run(api: &ApiArgs, args: RotateArgs) -> anyhow::Result<()> {
         .secret_file
         .clone()
         .ok_or_else(|| anyhow!("source {} has no secret file (--secret-file)", source.name))?;
-    let admin = Admin::new(&args.source.admin_url)?;
+    let admin = Admin::new(&source.admin_url)?;
     let mut log = Progress::new(api.json);
     let result = if args.finish {
         finish(&source, &secret_file, &admin, args.grace, &mut log).await

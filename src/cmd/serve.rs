@@ -28,7 +28,7 @@ struct DevBanner {
 
 impl DevBanner {
     fn new(config: &Config) -> Self {
-        let sources = &config.sources;
+        let sources = &config.sources.webhooks[0];
         let mut auth_flags = String::new();
         let dev_secret = sources.secret_file.is_none()
             && sources.secrets_env.is_none()
@@ -49,7 +49,7 @@ impl DevBanner {
             "HMAC secrets from your configuration".to_owned()
         };
         Self {
-            webhook_path: config.webhook_path.clone(),
+            webhook_path: sources.path.clone(),
             secret_note,
             auth_flags,
         }
