@@ -279,6 +279,11 @@ async fn deliver(
     };
     let claim = match state.dedup.claim(&key, digest.as_ref()).await {
         Claim::Duplicate => {
+            state
+                .metrics
+                .source_deliveries
+                .with_label_values(&[source.name.as_str(), Outcome::Duplicate.as_str()])
+                .inc();
             return Ok(Accepted {
                 id: envelope.id,
                 outcome: Outcome::Duplicate,
@@ -299,12 +304,18 @@ async fn deliver(
     claim.commit();
 
     // 13. Exactly 200.
+    let outcome = match safe {
+        Safe::Published => Outcome::Published,
+        Safe::Spooled => Outcome::Spooled,
+    };
+    state
+        .metrics
+        .source_deliveries
+        .with_label_values(&[source.name.as_str(), outcome.as_str()])
+        .inc();
     Ok(Accepted {
         id: envelope.id,
-        outcome: match safe {
-            Safe::Published => Outcome::Published,
-            Safe::Spooled => Outcome::Spooled,
-        },
+        outcome,
     })
 }
 

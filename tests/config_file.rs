@@ -395,6 +395,17 @@ async fn two_sources_keep_their_paths_secrets_and_routing_apart() {
     assert_eq!(fingerprints(&admin, "production").await.len(), 1);
     let later = broker.drain(&queue, 4, Duration::from_secs(10)).await;
     assert_eq!(later.len(), 4, "every 200 is a message");
+    let (_, _, metrics) = common::get(&format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    let production = common::metric_value(
+        &metrics,
+        r#"ocrolus_relay_source_deliveries_total{outcome="published",source="production"}"#,
+    );
+    let sandbox = common::metric_value(
+        &metrics,
+        r#"ocrolus_relay_source_deliveries_total{outcome="published",source="sandbox"}"#,
+    );
+    assert_eq!((production, sandbox), (2.0, 4.0), "{metrics}");
 
     let _ = child.kill().await;
     broker.delete_queue(&queue).await;

@@ -16,6 +16,9 @@ const PREFIX: &str = "ocrolus_relay";
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
+    /// Accepted deliveries per configured source (the label's values are
+    /// the source names of the configuration, so it stays bounded).
+    pub source_deliveries: IntCounterVec,
     pub rejections: IntCounterVec,
     pub request_duration: HistogramVec,
     pub events_published: IntCounterVec,
@@ -63,6 +66,12 @@ impl Metrics {
                 "requests_total",
                 "Webhook requests by outcome.",
                 &["outcome"],
+            ),
+            source_deliveries: counter_vec(
+                r,
+                "source_deliveries_total",
+                "Deliveries answered 200, by configured source and outcome.",
+                &["source", "outcome"],
             ),
             rejections: counter_vec(
                 r,
