@@ -478,10 +478,10 @@ pub fn properties(envelope: &Envelope) -> BasicProperties {
     if !envelope.event_name.is_empty() {
         put("x-ocrolus-event", &envelope.event_name);
     }
-    if envelope.routing_key == UNCLASSIFIED_KEY {
-        if let Some(reason) = unclassified_reason(&envelope.body) {
-            put("x-relay-unclassified", reason.as_str());
-        }
+    if envelope.routing_key == UNCLASSIFIED_KEY
+        && let Some(reason) = unclassified_reason(&envelope.body)
+    {
+        put("x-relay-unclassified", reason.as_str());
     }
     if let Some(id) = envelope.dedup_conflict_of() {
         put("x-relay-dedup-conflict", id);

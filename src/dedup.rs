@@ -147,11 +147,11 @@ impl Inner {
                 break;
             }
             let (expires, id) = (*expires, id.clone());
-            if let Some(Entry::Done(at)) = self.entries.get(&*id) {
-                if *at == expires {
-                    self.entries.remove(&*id);
-                    self.forget_unsigned(&id);
-                }
+            if let Some(Entry::Done(at)) = self.entries.get(&*id)
+                && *at == expires
+            {
+                self.entries.remove(&*id);
+                self.forget_unsigned(&id);
             }
             self.order.pop_front();
         }
@@ -159,12 +159,12 @@ impl Inner {
 
     /// One entry of an unsigned id is gone.
     fn forget_unsigned(&mut self, key: &str) {
-        if let Some(id) = unsigned_id(key) {
-            if let Some(known) = self.unsigned_ids.get_mut(id) {
-                *known -= 1;
-                if *known == 0 {
-                    self.unsigned_ids.remove(id);
-                }
+        if let Some(id) = unsigned_id(key)
+            && let Some(known) = self.unsigned_ids.get_mut(id)
+        {
+            *known -= 1;
+            if *known == 0 {
+                self.unsigned_ids.remove(id);
             }
         }
     }

@@ -540,13 +540,13 @@ impl Spawned {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["message"] == "ocrolus-relay serving" {
-                        let _ = tx.send((
-                            v["listen"].as_str().unwrap_or_default().to_owned(),
-                            v["admin"].as_str().unwrap_or_default().to_owned(),
-                        ));
-                    }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["message"] == "ocrolus-relay serving"
+                {
+                    let _ = tx.send((
+                        v["listen"].as_str().unwrap_or_default().to_owned(),
+                        v["admin"].as_str().unwrap_or_default().to_owned(),
+                    ));
                 }
                 sink.lock().expect("logs").push(line);
             }

@@ -191,11 +191,11 @@ impl Drainer {
                 if shutdown.is_cancelled() {
                     break 'spool;
                 }
-                if let Some(retry) = state.retries.get(key) {
-                    if retry.not_before > Instant::now() {
-                        due = Some(due.map_or(retry.not_before, |d| d.min(retry.not_before)));
-                        continue;
-                    }
+                if let Some(retry) = state.retries.get(key)
+                    && retry.not_before > Instant::now()
+                {
+                    due = Some(due.map_or(retry.not_before, |d| d.min(retry.not_before)));
+                    continue;
                 }
                 if envelope.body.len() > self.poison.max_message_size {
                     self.dead_letter(*key, envelope, Refusal::TooLarge, 0, state)
