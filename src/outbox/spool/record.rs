@@ -30,9 +30,57 @@ pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new(
 const FORMAT_2: u8 = 2;
 const QUARANTINE_FORMAT_1: u8 = 1;
 
+/// The record payload of formats 1 and 2, frozen here rather than derived
+/// from [`Envelope`]: a field added to the envelope must not silently change
+/// what is on disk. A new layout gets a new format byte and its own struct.
+#[derive(Serialize)]
+struct PayloadRef<'a> {
+    id: &'a str,
+    routing_key: &'a str,
+    event_name: &'a str,
+    ocrolus_timestamp: Option<&'a str>,
+    client_ip: &'a str,
+    received_at_ms: i64,
+    body: &'a bytes::Bytes,
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    id: String,
+    routing_key: String,
+    event_name: String,
+    ocrolus_timestamp: Option<String>,
+    client_ip: String,
+    received_at_ms: i64,
+    body: bytes::Bytes,
+}
+
+impl From<Payload> for Envelope {
+    fn from(p: Payload) -> Self {
+        Self {
+            id: p.id,
+            routing_key: p.routing_key,
+            event_name: p.event_name,
+            ocrolus_timestamp: p.ocrolus_timestamp,
+            client_ip: p.client_ip,
+            received_at_ms: p.received_at_ms,
+            body: p.body,
+        }
+    }
+}
+
 /// Encodes an event as the current format.
 pub(super) fn encode(envelope: &Envelope) -> Result<Vec<u8>, postcard::Error> {
-    postcard::to_extend(envelope, vec![FORMAT_2])
+    let payload = PayloadRef {
+        id: &envelope.id,
+        routing_key: &envelope.routing_key,
+        event_name: &envelope.event_name,
+        ocrolus_timestamp: envelope.ocrolus_timestamp.as_deref(),
+        client_ip: &envelope.client_ip,
+        received_at_ms: envelope.received_at_ms,
+        body: &envelope.body,
+    };
+    postcard::to_extend(&payload, vec![FORMAT_2])
 }
 
 /// Decodes a record of `records`; anything but a complete, current-format
@@ -53,8 +101,8 @@ pub(super) fn decode_v1(record: &[u8]) -> Result<Envelope, String> {
 /// The payload must be exactly one envelope: trailing bytes mean the
 /// record is not what it claims to be.
 fn decode_payload(payload: &[u8]) -> Result<Envelope, String> {
-    match postcard::take_from_bytes::<Envelope>(payload) {
-        Ok((envelope, [])) => Ok(envelope),
+    match postcard::take_from_bytes::<Payload>(payload) {
+        Ok((payload, [])) => Ok(payload.into()),
         Ok((_, rest)) => Err(format!("{} trailing bytes", rest.len())),
         Err(e) => Err(e.to_string()),
     }
@@ -68,7 +116,7 @@ pub(super) fn upgrade_v1(record: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The fields of an [`Envelope`] record before its body. postcard encodes
+/// The fields of a record payload before its body. postcard encodes
 /// fields in order, so these decode without copying the body (up to the
 /// body limit) on every commit or id scan.
 #[derive(Deserialize)]

@@ -361,3 +361,26 @@ async fn a_cancelled_append_whose_commit_fails_gives_its_room_back() {
     assert_eq!((s.messages, s.bytes), (0, 0), "{s:?}");
     assert!(spool.has_room());
 }
+
+/// The format-2 layout is pinned byte for byte: a change to `Envelope`
+/// must not change what is written (or how old records read) unnoticed.
+#[test]
+fn format_2_layout_is_pinned() {
+    let e = Envelope {
+        id: "a".into(),
+        routing_key: "b".into(),
+        event_name: "c".into(),
+        ocrolus_timestamp: None,
+        client_ip: "d".into(),
+        received_at_ms: 5,
+        body: bytes::Bytes::from_static(b"{}"),
+    };
+    let golden = [2, 1, b'a', 1, b'b', 1, b'c', 0, 1, b'd', 10, 2, b'{', b'}'];
+    assert_eq!(record::encode(&e).expect("encode"), golden);
+    assert_eq!(record::decode(&golden).expect("decode"), e);
+    assert_eq!(record::decode_v1(&golden[1..]).expect("format 1"), e);
+    assert!(
+        record::decode(&[&golden[..], &[0]].concat()).is_err(),
+        "trailing byte"
+    );
+}
