@@ -44,7 +44,7 @@ impl Relay {
         let policy = config.sources.load_policy()?;
         let tls = config.sources.tls.as_ref().map(Tls::load).transpose()?;
         if let Some(tls) = &tls {
-            metrics.cert_expiry.set(tls.not_after);
+            metrics.set_cert_expiry(tls.not_after);
         }
         let spool = Spool::open(config.spool.clone(), metrics.clone())?;
         let broker = Broker::new(config.broker.clone(), metrics.clone());

@@ -106,7 +106,7 @@ impl Reject {
             ),
             Self::Deadline => (
                 S::SERVICE_UNAVAILABLE,
-                O::Timeout,
+                O::Deadline,
                 R::RequestDeadline,
                 Some(1),
             ),

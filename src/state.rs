@@ -75,13 +75,14 @@ impl AppState {
             Ok((policy, tls)) => {
                 self.policy.store(Arc::new(policy));
                 if let Some(tls) = tls {
-                    self.metrics.cert_expiry.set(tls.not_after);
+                    self.metrics.set_cert_expiry(tls.not_after);
                     self.tls.store(Some(Arc::new(tls)));
                 }
                 self.metrics
                     .config_reloads
                     .with_label_values(&[ReloadResult::Success.as_str()])
                     .inc();
+                self.metrics.config_last_reload_ok.set(1);
                 info!("configuration reloaded");
                 Ok(())
             }
@@ -90,6 +91,7 @@ impl AppState {
                     .config_reloads
                     .with_label_values(&[ReloadResult::Failure.as_str()])
                     .inc();
+                self.metrics.config_last_reload_ok.set(0);
                 error!(error = %e, "reload rejected; keeping the running configuration");
                 Err(e)
             }

@@ -413,7 +413,8 @@ async fn slow_headers_are_cut_off_while_others_are_served() {
 async fn whole_request_deadline_bounds_a_request_whatever_it_waits_for() {
     require_broker!();
     // The body timeout is generous, the request deadline is not: a body that
-    // trickles in is cut at the deadline with 503 "timeout".
+    // trickles in is cut at the deadline with 503 "deadline", an outcome of
+    // its own (a 5xx), not the 408 body timeout's "timeout".
     let deadline = Duration::from_secs(3);
     let relay = TestRelay::start(opts(
         &["127.0.0.1/32"],
@@ -444,13 +445,25 @@ async fn whole_request_deadline_bounds_a_request_whatever_it_waits_for() {
     let raw = read_response(&mut reader, deadline + MARGIN).await;
     trickler.abort();
     assert_eq!(raw.status, Some(503), "{}", raw.text);
-    assert!(raw.text.contains(r#"{"error":"timeout"}"#), "{}", raw.text);
+    assert!(raw.text.contains(r#"{"error":"deadline"}"#), "{}", raw.text);
     assert!(raw.elapsed < deadline + MARGIN);
     assert_eq!(
         relay
             .metric(r#"ocrolus_relay_rejections_total{reason="request_deadline"}"#)
             .await,
         1.0
+    );
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_requests_total{outcome="deadline"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        relay
+            .metric(r#"ocrolus_relay_requests_total{outcome="timeout"}"#)
+            .await,
+        0.0
     );
     assert_nothing_published(&broker, &queue).await;
     relay.finish(&broker, &[&queue]).await;
@@ -962,6 +975,11 @@ async fn reload_swaps_the_certificate_and_keeps_requests_in_flight() {
     let old_cert = write_cert(dir.path());
     let relay = TestRelay::start(tls_relay_options(dir.path(), &["--body-timeout", "60"])).await;
     let (broker, queue) = relay.watch_all().await;
+    let expiry = "ocrolus_relay_tls_cert_expiry_timestamp_seconds";
+    assert!(
+        relay.metric(expiry).await > 0.0,
+        "{expiry} missing with TLS"
+    );
 
     // A delivery started before the reload, its body half sent.
     let slow_id = new_id();
@@ -1032,6 +1050,8 @@ async fn reload_rejects_a_bad_allowlist_and_applies_a_good_one() {
     let relay = TestRelay::start(RelayOptions::default()).await;
     let allowlist = relay.dir.path().join("allowlist.yaml");
     let failures = r#"ocrolus_relay_config_reloads_total{result="failure"}"#;
+    let last_ok = "ocrolus_relay_config_last_reload_successful";
+    assert_eq!(relay.metric(last_ok).await, 1.0, "the start-up load counts");
     let garbage: [&[u8]; 4] = [
         b"}}} this is not yaml {{{\n",
         b"allow:\n  - not-an-address\n",
@@ -1045,6 +1065,7 @@ async fn reload_rejects_a_bad_allowlist_and_applies_a_good_one() {
             "garbage {i} accepted"
         );
         assert_eq!(relay.metric(failures).await, (i + 1) as f64);
+        assert_eq!(relay.metric(last_ok).await, 0.0, "after garbage {i}");
         // The old policy (127.0.0.1 allowed) is still in force.
         assert_eq!(
             post_signed(&relay, &new_id(), BODY).await.0,
@@ -1054,6 +1075,7 @@ async fn reload_rejects_a_bad_allowlist_and_applies_a_good_one() {
     }
     std::fs::write(&allowlist, "allow:\n  - 203.0.113.7/32 # someone else\n").expect("write");
     relay.relay().state().reload().expect("good allowlist");
+    assert_eq!(relay.metric(last_ok).await, 1.0, "a good reload clears it");
     assert_eq!(
         post_after(&relay, b"", &new_id()).await,
         0,

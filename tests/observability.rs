@@ -63,6 +63,35 @@ fn exported(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+#[tokio::test]
+async fn process_metrics_are_exported_and_tls_expiry_only_with_tls() {
+    let relay = TestRelay::start(RelayOptions::default()).await;
+    let scrape = relay.metrics().await;
+    for name in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            metric_value(&scrape, name) > 0.0,
+            "{name} missing or 0 in:\n{scrape}"
+        );
+    }
+    assert!(
+        scrape.contains("\nprocess_cpu_seconds_total "),
+        "process_cpu_seconds_total missing"
+    );
+    // A plaintext relay serves no certificate: no expiry series, not a 0
+    // that reads as "expired in 1970".
+    assert!(
+        !scrape.contains("tls_cert_expiry_timestamp_seconds"),
+        "plaintext relay exports a certificate expiry:\n{scrape}"
+    );
+    let broker = TestBroker::connect().await;
+    relay.finish(&broker, &[]).await;
+}
+
 /// A relay whose rate limits sequential test requests never meet.
 async fn relaxed_relay() -> TestRelay {
     TestRelay::start(RelayOptions {
@@ -358,13 +387,17 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let bytes = expr.as_bytes();
     let mut i = 0;
-    while let Some(pos) = expr[i..].find("ocrolus_relay_") {
+    while let Some((pos, prefix)) = ["ocrolus_relay_", "process_"]
+        .iter()
+        .filter_map(|p| expr[i..].find(p).map(|pos| (pos, *p)))
+        .min()
+    {
         let start = i + pos;
         let boundary = start == 0 || {
             let b = bytes[start - 1];
             !(b.is_ascii_alphanumeric() || b == b'_')
         };
-        let mut end = start + "ocrolus_relay_".len();
+        let mut end = start + prefix.len();
         while end < bytes.len()
             && (bytes[end].is_ascii_lowercase()
                 || bytes[end].is_ascii_digit()
@@ -521,12 +554,15 @@ async fn dashboards_and_alerts_use_only_exported_metrics() {
     );
     assert!(exprs.len() > dashboard_exprs_count, "no alert rules found");
 
+    // Exported only by a relay that serves TLS (this one is plaintext);
+    // reload_swaps_the_certificate_and_keeps_requests_in_flight scrapes it.
+    let tls_only = "ocrolus_relay_tls_cert_expiry_timestamp_seconds";
     let mut missing = Vec::new();
     let mut used = BTreeSet::new();
     for (place, expr) in &exprs {
         for name in metric_names(expr) {
             let base = resolve(&name);
-            if !names.contains(&base) {
+            if !names.contains(&base) && base != tls_only {
                 missing.push(format!("{place}: {name} in `{expr}`"));
             }
             used.insert(base);
@@ -698,11 +734,15 @@ async fn check_config_accepts_good_and_refuses_bad_configuration() {
 #[test]
 fn metric_name_extraction() {
     let names = metric_names(
-        r#"sum(rate(ocrolus_relay_requests_total{outcome!="published"}[5m])) / on() x_ocrolus_relay_not_ours + histogram_quantile(0.9, ocrolus_relay_a_bucket)"#,
+        r#"sum(rate(ocrolus_relay_requests_total{outcome!="published"}[5m])) / on() x_ocrolus_relay_not_ours + histogram_quantile(0.9, ocrolus_relay_a_bucket) + process_open_fds / my_process_not_ours"#,
     );
-    let expected: BTreeSet<String> = ["ocrolus_relay_requests_total", "ocrolus_relay_a_bucket"]
-        .iter()
-        .map(std::string::ToString::to_string)
-        .collect();
+    let expected: BTreeSet<String> = [
+        "ocrolus_relay_requests_total",
+        "ocrolus_relay_a_bucket",
+        "process_open_fds",
+    ]
+    .iter()
+    .map(std::string::ToString::to_string)
+    .collect();
     assert_eq!(names, expected);
 }

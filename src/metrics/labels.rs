@@ -26,7 +26,8 @@ macro_rules! label_values {
 
 label_values! {
     /// `outcome` of `requests_total` and `request_duration_seconds`; also the
-    /// `status` of a 200 answer and the `error` of any other.
+    /// `status` of a 200 answer and the `error` of any other. The 5xx ones
+    /// are `unavailable` and `deadline` (the High5xxRatio alert counts both).
     Outcome {
         Published => "published",
         Spooled => "spooled",
@@ -40,6 +41,7 @@ label_values! {
         RateLimited => "rate_limited",
         Timeout => "timeout",
         Unavailable => "unavailable",
+        Deadline => "deadline",
     }
 }
 

@@ -15,6 +15,9 @@ const PREFIX: &str = "ocrolus_relay";
 
 pub struct Metrics {
     registry: Registry,
+    /// The process collector's standard, unprefixed `process_*` series
+    /// (what every exporter's dashboards expect).
+    process: Registry,
     pub requests: IntCounterVec,
     /// Accepted deliveries per configured source (the label's values are
     /// the source names of the configuration, so it stays bounded).
@@ -45,7 +48,10 @@ pub struct Metrics {
     pub requests_in_flight: IntGauge,
     pub tls_handshake_failures: IntCounter,
     pub config_reloads: IntCounterVec,
-    pub cert_expiry: IntGauge,
+    pub config_last_reload_ok: IntGauge,
+    /// Registered by [`Metrics::set_cert_expiry`] only: a plaintext relay
+    /// has no certificate, and a 0 would read as "expired in 1970".
+    cert_expiry: IntGauge,
     pub ready: IntGauge,
 }
 
@@ -183,11 +189,17 @@ impl Metrics {
                 "SIGHUP reloads by result.",
                 &["result"],
             ),
-            cert_expiry: gauge(
+            config_last_reload_ok: gauge(
                 r,
+                "config_last_reload_successful",
+                "1 if the last configuration load (start or SIGHUP) succeeded.",
+            ),
+            cert_expiry: IntGauge::new(
                 "tls_cert_expiry_timestamp_seconds",
                 "notAfter of the served certificate, Unix seconds.",
-            ),
+            )
+            .unwrap_or_else(|e| panic!("metric tls_cert_expiry_timestamp_seconds: {e}")),
+            process: process_registry(),
             ready: gauge(r, "ready", "1 while /readyz answers 200."),
             registry,
         };
@@ -213,6 +225,8 @@ impl Metrics {
             info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
             let _ = m.registry.register(Box::new(info));
         }
+        // A relay only runs after its configuration loaded.
+        m.config_last_reload_ok.set(1);
         m
     }
 
@@ -221,11 +235,20 @@ impl Metrics {
         self.rejections.with_label_values(&[reason.as_str()]).inc();
     }
 
+    /// Exports the served certificate's notAfter (first call registers it).
+    pub fn set_cert_expiry(&self, not_after: i64) {
+        // Already registered after the first call: nothing to do then.
+        let _ = self.registry.register(Box::new(self.cert_expiry.clone()));
+        self.cert_expiry.set(not_after);
+    }
+
     /// Prometheus text exposition format.
     pub fn render(&self) -> Vec<u8> {
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let _ = TextEncoder::new().encode(&families, &mut out);
         out
     }
 }
@@ -234,6 +257,16 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// CPU, resident memory, open fds and start time of this process, read from
+/// /proc at each scrape. Elsewhere than Linux the registry stays empty.
+fn process_registry() -> Registry {
+    let registry = Registry::new();
+    let _ = registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ));
+    registry
 }
 
 // Metric names and help texts are constants: registration can only fail on a
@@ -309,11 +342,22 @@ mod tests {
             "ocrolus_relay_publish_confirm_duration_seconds_count",
             "ocrolus_relay_broker_up",
             "ocrolus_relay_spool_oldest_age_seconds",
-            "ocrolus_relay_tls_cert_expiry_timestamp_seconds",
+            "ocrolus_relay_config_last_reload_successful",
             "ocrolus_relay_build_info",
             "ocrolus_relay_ready",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+        assert!(
+            !text.contains("tls_cert_expiry"),
+            "no certificate, no expiry"
+        );
+        m.set_cert_expiry(1_900_000_000);
+        m.set_cert_expiry(1_900_000_001);
+        let text = String::from_utf8(m.render()).expect("utf8");
+        assert!(
+            text.contains("ocrolus_relay_tls_cert_expiry_timestamp_seconds 1900000001"),
+            "{text}"
+        );
     }
 }
