@@ -1,5 +1,5 @@
 //! The command line: `serve`, `check-config`, `send-test`, `tail`, `spool`,
-//! `ocrolus`.
+//! `ocrolus`, `healthcheck`, `completions`, `man`.
 //! Configuration errors print one precise line and exit 64 (EX_USAGE).
 
 use std::ffi::OsString;
@@ -15,7 +15,7 @@ use crate::config_error::ConfigError;
 use crate::config_file::{ConfigFile, find_config_arg};
 
 #[derive(Debug, Parser)]
-#[command(name = "ocrolus-relay", version, about)]
+#[command(name = "ocrolus-relay", version = crate::VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -35,6 +35,16 @@ pub enum Command {
     Spool(cmd::spool::SpoolArgs),
     /// Manage the Ocrolus side: webhooks, tests, secret rotation.
     Ocrolus(cmd::ocrolus::OcrolusArgs),
+    /// Exit 0 if the running relay's admin listener says it is live (or ready), else 1.
+    Healthcheck(cmd::healthcheck::HealthcheckArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page, or write one page per subcommand into a directory.
+    Man {
+        /// Write ocrolus-relay.1, ocrolus-relay-serve.1, ... here instead.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+    },
 }
 
 const EX_USAGE: u8 = 64;
@@ -100,6 +110,20 @@ where
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            clap_complete::generate(
+                *shell,
+                &mut command,
+                "ocrolus-relay",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { out_dir } => return man(out_dir.as_deref()),
+        _ => {}
+    }
     let log_format = match &cli.command {
         Command::Serve(args) => args.log_format,
         _ => LogFormat::Text,
@@ -132,11 +156,30 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Tail(args) => cmd::tail::run(args).await.map_err(runtime_error),
             Command::Spool(args) => cmd::spool::run(args).await.map_err(runtime_error),
             Command::Ocrolus(args) => cmd::ocrolus::run(args).await.map_err(runtime_error),
+            Command::Healthcheck(args) => cmd::healthcheck::run(args).await.map_err(runtime_error),
+            Command::Completions { .. } | Command::Man { .. } => Ok(()),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(code) => code,
+    }
+}
+
+fn man(out_dir: Option<&std::path::Path>) -> ExitCode {
+    let command = Cli::command();
+    let written = match out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(command, dir))
+        }
+        None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing the man page: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

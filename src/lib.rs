@@ -41,6 +41,7 @@ mod server;
 mod signals;
 mod state;
 mod tls;
+mod units;
 
 // The binary and whole relays in tests.
 pub use app::Relay;
@@ -62,6 +63,14 @@ pub use ocrolus::{
 };
 pub use outbox::spool::SpoolFile;
 pub use proxy_protocol::parse as parse_proxy_header;
+
+/// `--version`: the crate version and the git commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RELAY_GIT_COMMIT"),
+    ")"
+);
 
 /// Wall-clock Unix milliseconds.
 pub fn now_ms() -> i64 {

@@ -219,10 +219,11 @@ impl Metrics {
         }
         let info = IntGaugeVec::new(
             Opts::new("build_info", "Build information; always 1."),
-            &["version"],
+            &["version", "commit"],
         );
         if let Ok(info) = info {
-            info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+            info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("RELAY_GIT_COMMIT")])
+                .set(1);
             let _ = m.registry.register(Box::new(info));
         }
         // A relay only runs after its configuration loaded.

@@ -1,0 +1,73 @@
+//! A minimal HTTP/1 client for the relay's own admin listener, used by
+//! `healthcheck` and by `spool stats|list` against a running relay.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Where to reach an admin listener bound to `listen`: an unspecified
+/// address (`0.0.0.0`, `::`, as in a container) means this host.
+pub fn target(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// The outcome of one GET.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+/// `GET http://{addr}{path}`, bounded by `timeout` from connect to body.
+pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<Reply> {
+    tokio::time::timeout(timeout, exchange(addr, path))
+        .await
+        .map_err(|_| anyhow!("http://{addr}{path}: no answer within {timeout:?}"))?
+}
+
+async fn exchange(addr: SocketAddr, path: &str) -> anyhow::Result<Reply> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the admin listener {addr}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let request = Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .with_context(|| format!("GET http://{addr}{path}"))?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(Reply { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_listen_addresses_mean_this_host() {
+        let cases = [
+            ("0.0.0.0:9090", "127.0.0.1:9090"),
+            ("[::]:9090", "[::1]:9090"),
+            ("10.1.2.3:9091", "10.1.2.3:9091"),
+        ];
+        for (listen, want) in cases {
+            let listen: SocketAddr = listen.parse().expect("addr");
+            assert_eq!(target(listen).to_string(), want);
+        }
+    }
+}

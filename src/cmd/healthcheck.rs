@@ -1,0 +1,40 @@
+//! `healthcheck`: ask the running relay's admin listener whether it is live
+//! (or ready) and exit 0 or 1, for a container HEALTHCHECK in an image that
+//! has no shell or curl.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::bail;
+use http::StatusCode;
+
+use crate::cmd::admin_client;
+use crate::units::parse_duration;
+
+#[derive(Debug, clap::Args)]
+pub struct HealthcheckArgs {
+    /// The relay's admin listener, as given to `serve` (0.0.0.0 / :: mean this host).
+    #[arg(long, env = "RELAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// Ask /readyz (can it make an event safe now?) instead of /livez.
+    #[arg(long)]
+    pub ready: bool,
+    /// Give up after this long (e.g. 3s, 500ms).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+pub async fn run(args: HealthcheckArgs) -> anyhow::Result<()> {
+    let path = if args.ready { "/readyz" } else { "/livez" };
+    let addr = admin_client::target(args.admin_listen);
+    let reply = admin_client::get(addr, path, args.timeout).await?;
+    let body = String::from_utf8_lossy(&reply.body);
+    if reply.status != StatusCode::OK {
+        bail!("GET http://{addr}{path} answered {}: {body}", reply.status);
+    }
+    println!(
+        "ok: GET http://{addr}{path} answered {}: {body}",
+        reply.status
+    );
+    Ok(())
+}
