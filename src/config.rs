@@ -6,12 +6,17 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 
 use crate::auth::{AuthPolicy, BasicCredentials, Secrets};
 use crate::client::NetPolicy;
 use crate::config_error::ConfigError;
 use crate::event::EventTable;
+use crate::units::{parse_duration, parse_size, parse_size_usize};
+
+/// `--spool-max-messages` when neither it nor its former name is given.
+const DEFAULT_SPOOL_MAX_MESSAGES: u64 = 1_000_000;
 
 /// Development HMAC secret printed by `serve --dev` and used by
 /// `send-test --dev`. Only ever accepted on a loopback-only listener.
@@ -64,13 +69,13 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// Serve HTTP without TLS (only behind a TLS-terminating proxy).
-    #[arg(long, env = "RELAY_PLAINTEXT")]
+    #[arg(long, env = "RELAY_PLAINTEXT", value_parser = BoolishValueParser::new())]
     pub plaintext: bool,
     /// Network policy: allowed client CIDRs and trusted proxies.
     #[arg(long, env = "RELAY_ALLOWLIST", default_value = "allowlist.yaml")]
     pub allowlist: PathBuf,
     /// Expect a PROXY protocol (v1 or v2) header on every connection.
-    #[arg(long, env = "RELAY_PROXY_PROTOCOL")]
+    #[arg(long, env = "RELAY_PROXY_PROTOCOL", value_parser = BoolishValueParser::new())]
     pub proxy_protocol: bool,
     #[command(flatten)]
     pub broker: BrokerArgs,
@@ -100,10 +105,10 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_BROKER_MAX_MESSAGE_SIZE", default_value_t = 16 << 20)]
     pub broker_max_message_size: usize,
     /// Do not declare the exchanges at start (they are managed elsewhere).
-    #[arg(long, env = "RELAY_NO_DECLARE")]
+    #[arg(long, env = "RELAY_NO_DECLARE", value_parser = BoolishValueParser::new())]
     pub no_declare: bool,
     /// Seconds to wait for a publisher confirm before spooling.
-    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT", default_value = "2", value_parser = parse_secs)]
+    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT", default_value = "2", value_parser = parse_duration)]
     pub confirm_timeout: Duration,
     /// Confirm-mode channels used for publishing, round robin.
     #[arg(long, env = "RELAY_PUBLISH_CHANNELS", default_value_t = 4)]
@@ -122,38 +127,50 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_BASIC_AUTH_FILE")]
     pub basic_auth_file: Option<PathBuf>,
     /// Accept deliveries without any authentication. Development only.
-    #[arg(long, env = "RELAY_INSECURE_NO_AUTH")]
+    #[arg(long, env = "RELAY_INSECURE_NO_AUTH", value_parser = BoolishValueParser::new())]
     pub insecure_no_auth: bool,
     /// Accepted clock difference for Webhook-Timestamp, in seconds.
-    #[arg(long, env = "RELAY_TIMESTAMP_TOLERANCE", default_value = "300", value_parser = parse_secs)]
+    #[arg(long, env = "RELAY_TIMESTAMP_TOLERANCE", default_value = "300", value_parser = parse_duration)]
     pub timestamp_tolerance: Duration,
     /// Extra event aliases `NAME=routing.key` (repeatable, or comma-separated in the env).
-    #[arg(
-        long = "event-alias",
-        env = "RELAY_EVENT_ALIASES",
-        value_delimiter = ','
-    )]
+    #[arg(long = "event-alias", env = "RELAY_EVENT_ALIAS", value_delimiter = ',')]
     pub event_aliases: Vec<String>,
+    /// RELAY_EVENT_ALIASES, the former name of RELAY_EVENT_ALIAS.
+    #[arg(
+        long = "legacy-event-aliases",
+        env = "RELAY_EVENT_ALIASES",
+        value_delimiter = ',',
+        hide = true
+    )]
+    pub legacy_event_aliases: Vec<String>,
     /// Embedded spool directory (durable outbox).
     #[arg(long, env = "RELAY_SPOOL_DIR", default_value = "spool")]
     pub spool_dir: PathBuf,
-    /// Spool bound in bytes of stored events.
-    #[arg(long, env = "RELAY_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
+    /// Spool bound in bytes of stored events (e.g. 1GiB, 512MiB, or bytes).
+    #[arg(long, env = "RELAY_SPOOL_MAX_BYTES", default_value = "1GiB", value_parser = parse_size)]
     pub spool_max_bytes: u64,
-    /// Spool bound in number of events.
-    #[arg(long, env = "RELAY_SPOOL_MAX_EVENTS", default_value_t = 1_000_000)]
-    pub spool_max_events: u64,
-    /// Largest accepted request body in bytes.
-    #[arg(long, env = "RELAY_MAX_BODY", default_value_t = 1 << 20)]
+    /// Spool bound in number of events, like the spool_max_messages metric
+    /// [default: 1000000].
+    #[arg(long, alias = "spool-max-events", env = "RELAY_SPOOL_MAX_MESSAGES")]
+    pub spool_max_messages: Option<u64>,
+    /// RELAY_SPOOL_MAX_EVENTS, the former name of RELAY_SPOOL_MAX_MESSAGES.
+    #[arg(
+        long = "legacy-spool-max-events",
+        env = "RELAY_SPOOL_MAX_EVENTS",
+        hide = true
+    )]
+    pub legacy_spool_max_events: Option<u64>,
+    /// Largest accepted request body (e.g. 1MiB, 256KiB, or bytes).
+    #[arg(long, env = "RELAY_MAX_BODY", default_value = "1MiB", value_parser = parse_size_usize)]
     pub max_body: usize,
     /// Seconds allowed to send the request headers (also closes idle HTTP/1 keep-alive connections).
-    #[arg(long, env = "RELAY_HEADER_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    #[arg(long, env = "RELAY_HEADER_TIMEOUT", default_value = "10", value_parser = parse_duration)]
     pub header_timeout: Duration,
     /// Seconds allowed to send the request body.
-    #[arg(long, env = "RELAY_BODY_TIMEOUT", default_value = "10", value_parser = parse_secs)]
+    #[arg(long, env = "RELAY_BODY_TIMEOUT", default_value = "10", value_parser = parse_duration)]
     pub body_timeout: Duration,
     /// Seconds one request may take from headers to answer, whatever it waits for.
-    #[arg(long, env = "RELAY_REQUEST_TIMEOUT", default_value = "15", value_parser = parse_secs)]
+    #[arg(long, env = "RELAY_REQUEST_TIMEOUT", default_value = "15", value_parser = parse_duration)]
     pub request_timeout: Duration,
     /// Maximum open client connections; more are closed at once.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
@@ -178,16 +195,16 @@ pub struct ServeArgs {
     #[arg(long, env = "RELAY_RATE_LIMIT_BURST", default_value_t = 2)]
     pub rate_limit_burst: u32,
     /// Seconds a delivery id is remembered for de-duplication (0 = off).
-    #[arg(long, env = "RELAY_DEDUP_WINDOW", default_value = "3600", value_parser = parse_secs)]
+    #[arg(long, env = "RELAY_DEDUP_WINDOW", default_value = "3600", value_parser = parse_duration)]
     pub dedup_window: Duration,
     /// Most delivery ids remembered for de-duplication.
     #[arg(long, env = "RELAY_DEDUP_CAPACITY", default_value_t = 200_000)]
     pub dedup_capacity: usize,
     /// Seconds to keep serving after SIGTERM while readiness is already 503.
-    #[arg(long, env = "RELAY_SHUTDOWN_GRACE", default_value = "0", value_parser = parse_secs)]
+    #[arg(long, env = "RELAY_SHUTDOWN_GRACE", default_value = "0", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// Seconds requests in flight get to finish after the listener closed.
-    #[arg(long, env = "RELAY_SHUTDOWN_DEADLINE", default_value = "25", value_parser = parse_secs)]
+    #[arg(long, env = "RELAY_SHUTDOWN_DEADLINE", default_value = "25", value_parser = parse_duration)]
     pub shutdown_deadline: Duration,
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
@@ -195,7 +212,7 @@ pub struct ServeArgs {
     /// Quick start: plaintext on 127.0.0.1:8080 (unless --listen names
     /// another loopback address), loopback clients only, a printed
     /// development secret.
-    #[arg(long, env = "RELAY_DEV")]
+    #[arg(long, env = "RELAY_DEV", value_parser = BoolishValueParser::new())]
     pub dev: bool,
 }
 
@@ -213,16 +230,6 @@ pub struct BrokerArgs {
     /// Topic exchange the events are published to.
     #[arg(long, env = "RELAY_EXCHANGE", default_value = "ocrolus.events")]
     pub exchange: String,
-}
-
-pub fn parse_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !(0.0..=86_400.0 * 365.0).contains(&secs) {
-        return Err(format!("'{s}' is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Files the relay reads at start and again on SIGHUP.
@@ -546,7 +553,10 @@ impl Config {
             spool: SpoolConfig {
                 dir: args.spool_dir.clone(),
                 max_bytes: args.spool_max_bytes,
-                max_events: args.spool_max_events,
+                max_events: args
+                    .spool_max_messages
+                    .or(args.legacy_spool_max_events)
+                    .unwrap_or(DEFAULT_SPOOL_MAX_MESSAGES),
             },
             poison: PoisonConfig {
                 attempts: args.poison_attempts,
@@ -573,7 +583,9 @@ impl Config {
                 grace: args.shutdown_grace,
                 deadline: args.shutdown_deadline,
             },
-            events: EventTable::with_aliases(&args.event_aliases)?,
+            events: EventTable::with_aliases(
+                &[&args.event_aliases[..], &args.legacy_event_aliases[..]].concat(),
+            )?,
             log_format: args.log_format,
         };
         Ok(config)

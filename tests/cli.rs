@@ -123,3 +123,111 @@ async fn version_names_the_git_commit() {
         )
     );
 }
+
+/// `check-config --dev` in an empty directory with `env` only.
+async fn check_config_dev(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = dir.path().join("spool").display().to_string();
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("check-config")
+        .args(["--spool-dir", &spool])
+        .args(args)
+        .current_dir(dir.path())
+        .env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().await.expect("run check-config")
+}
+
+#[tokio::test]
+async fn boolean_env_twins_take_1_0_yes_no_true_false() {
+    for on in ["1", "true", "yes", "on", "TRUE"] {
+        let out = check_config_dev(&[], &[("RELAY_DEV", on)]).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "RELAY_DEV={on}: {}",
+            text(&out.stderr)
+        );
+        assert!(text(&out.stdout).contains("127.0.0.1:8080 (plaintext)"));
+    }
+    for off in ["0", "false", "no", "off"] {
+        let out = check_config_dev(&[], &[("RELAY_DEV", off)]).await;
+        // Not --dev: no TLS pair and no --plaintext is a configuration error.
+        assert_eq!(out.status.code(), Some(64), "RELAY_DEV={off}");
+    }
+}
+
+#[tokio::test]
+async fn durations_and_sizes_take_units_and_plain_numbers() {
+    let out = check_config_dev(
+        &[
+            "--dev",
+            "--confirm-timeout",
+            "500ms",
+            "--request-timeout",
+            "2s",
+            "--spool-max-bytes",
+            "64MiB",
+            "--max-body",
+            "256KiB",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("confirm timeout:   500ms\n"), "{stdout}");
+    assert!(stdout.contains(" / 67108864 bytes)"), "{stdout}");
+    let plain = check_config_dev(
+        &[
+            "--dev",
+            "--confirm-timeout",
+            "1.5",
+            "--spool-max-bytes",
+            "1000",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(plain.status.code(), Some(0), "{}", text(&plain.stderr));
+    assert!(text(&plain.stdout).contains("confirm timeout:   1.5s\n"));
+    assert!(text(&plain.stdout).contains(" / 1000 bytes)"));
+}
+
+#[tokio::test]
+async fn env_names_match_flags_and_former_names_still_work() {
+    let spool_max = |out: &Output| {
+        let stdout = text(&out.stdout);
+        stdout
+            .lines()
+            .find(|l| l.starts_with("spool:"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let out = check_config_dev(&["--dev"], &[("RELAY_SPOOL_MAX_MESSAGES", "9")]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        spool_max(&out).contains("max 9 events"),
+        "{}",
+        spool_max(&out)
+    );
+    let out = check_config_dev(&["--dev"], &[("RELAY_SPOOL_MAX_EVENTS", "7")]).await;
+    assert!(
+        spool_max(&out).contains("max 7 events"),
+        "{}",
+        spool_max(&out)
+    );
+    let out = check_config_dev(&["--dev", "--spool-max-events", "5"], &[]).await;
+    assert!(
+        spool_max(&out).contains("max 5 events"),
+        "{}",
+        spool_max(&out)
+    );
+
+    for var in ["RELAY_EVENT_ALIAS", "RELAY_EVENT_ALIASES"] {
+        let bad = check_config_dev(&["--dev"], &[(var, "no-equals-sign")]).await;
+        assert_eq!(bad.status.code(), Some(64), "{var} not read");
+    }
+}

@@ -340,7 +340,7 @@ async fn unroutable_event_without_alternate_exchange_is_not_200() {
         extra: vec![
             "--alternate-exchange".into(),
             String::new(),
-            "--spool-max-events".into(),
+            "--spool-max-messages".into(),
             "0".into(),
         ],
         ..RelayOptions::default()

@@ -792,7 +792,7 @@ async fn full_spool_answers_503_never_200() {
     let room = ROOM.to_string();
     let relay = TestRelay::start(RelayOptions {
         amqp_url: proxy.url(),
-        extra: flags(&["--spool-max-events", &room]),
+        extra: flags(&["--spool-max-messages", &room]),
         ..RelayOptions::default()
     })
     .await;
@@ -1046,7 +1046,7 @@ async fn failed_delivery_does_not_block_a_retry_with_the_same_id() {
     let relay = TestRelay::start(RelayOptions {
         amqp_url: proxy.url(),
         // No spool room: with the broker cut, a delivery fails with 503.
-        extra: flags(&["--spool-max-events", "0"]),
+        extra: flags(&["--spool-max-messages", "0"]),
         ..RelayOptions::default()
     })
     .await;
@@ -1287,7 +1287,7 @@ async fn readyz_reflects_broker_spool_and_draining() {
     let room = ROOM.to_string();
     let relay = TestRelay::start(RelayOptions {
         amqp_url: proxy.url(),
-        extra: flags(&["--spool-max-events", &room, "--shutdown-grace", "3"]),
+        extra: flags(&["--spool-max-messages", &room, "--shutdown-grace", "3"]),
         ..RelayOptions::default()
     })
     .await;

@@ -53,7 +53,7 @@ pub struct ApiArgs {
     #[arg(long, env = "OCROLUS_AUDIENCE", global = true, default_value = DEFAULT_AUDIENCE)]
     pub audience: String,
     /// Seconds one API call may take.
-    #[arg(long, env = "OCROLUS_TIMEOUT", global = true, default_value = "30", value_parser = crate::config::parse_secs)]
+    #[arg(long, env = "OCROLUS_TIMEOUT", global = true, default_value = "30", value_parser = crate::units::parse_duration)]
     pub api_timeout: Duration,
     /// Print one JSON document instead of text.
     #[arg(long, global = true)]
@@ -260,7 +260,7 @@ pub struct TestArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// Seconds to wait for the relay to publish the test event.
-    #[arg(long, default_value = "30", value_parser = crate::config::parse_secs)]
+    #[arg(long, default_value = "30", value_parser = crate::units::parse_duration)]
     pub wait: Duration,
 }
 

@@ -79,7 +79,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => 3600.0,
         _ => return Err(format!("{s:?}: use s, m or h (e.g. 20m)")),
     };
-    crate::config::parse_secs(
+    crate::units::parse_duration(
         &(number
             .parse::<f64>()
             .map_err(|_| format!("{s:?} is not a duration"))?
