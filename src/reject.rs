@@ -325,7 +325,7 @@ mod tests {
             (
                 Reject::Deadline,
                 503,
-                "timeout",
+                "deadline",
                 "request_deadline",
                 Some(1),
             ),

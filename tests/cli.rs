@@ -25,6 +25,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn healthcheck_exits_0_on_a_live_relay_and_1_when_it_is_gone() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let admin = relay.admin.to_string();
 
@@ -53,6 +54,7 @@ async fn healthcheck_exits_0_on_a_live_relay_and_1_when_it_is_gone() {
 
 #[tokio::test]
 async fn healthcheck_follows_an_unspecified_admin_listen_address() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     // As in the container: RELAY_ADMIN_LISTEN=0.0.0.0:PORT for `serve`.
     let listen = format!("0.0.0.0:{}", relay.admin.port());

@@ -65,6 +65,7 @@ fn exported(text: &str) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn process_metrics_are_exported_and_tls_expiry_only_with_tls() {
+    require_broker!();
     let relay = TestRelay::start(RelayOptions::default()).await;
     let scrape = relay.metrics().await;
     for name in [
@@ -351,7 +352,10 @@ async fn a_healthy_relay_reports_broker_up_ready_and_its_version() {
     assert_eq!(
         metric_value(
             &scrape,
-            &format!(r#"ocrolus_relay_build_info{{version="{version}"}}"#)
+            &format!(
+                r#"ocrolus_relay_build_info{{commit="{}",version="{version}"}}"#,
+                env!("RELAY_GIT_COMMIT")
+            )
         ),
         1.0
     );
