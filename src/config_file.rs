@@ -97,7 +97,7 @@ settings!(
     event_aliases,
     spool_dir,
     spool_max_bytes,
-    spool_max_events,
+    spool_max_messages,
     max_body,
     header_timeout,
     body_timeout,
@@ -241,6 +241,7 @@ mod tests {
             .unwrap();
         let mut flags: Vec<&str> = serve
             .get_arguments()
+            .filter(|a| !a.is_hide_set())
             .map(|a| a.get_id().as_str())
             .filter(|id| !matches!(*id, "config" | "help"))
             .collect();
