@@ -115,8 +115,10 @@ async fn version_names_the_git_commit() {
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .map(|o| text(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "unknown".to_owned());
+        .map_or_else(
+            || "unknown".to_owned(),
+            |o| text(&o.stdout).trim().to_owned(),
+        );
     assert_eq!(
         text(&out.stdout),
         format!(
