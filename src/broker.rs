@@ -3,7 +3,13 @@
 //! A supervisor task owns the connection: it connects with capped, jittered
 //! exponential backoff, declares the topology, opens the confirm channels,
 //! watches `connection.blocked` and reconnects when the connection dies or a
-//! publish times out. Requests never wait for a reconnect and no lock is held
+//! publish times out.
+//!
+//! With several addresses (the nodes of a cluster, [`Nodes`]) it starts at a
+//! random one, so that replicas spread over the nodes, and after a lost link,
+//! a failed connect, a confirm timeout or (with more than one node) a blocked
+//! connection it moves on to the next address in list order: a dead node is
+//! never waited for while another answers. Requests never wait for a reconnect and no lock is held
 //! across a publish: they take the current link (an `Arc` swap) and publish on
 //! one of its channels, many in flight at once.
 //!
@@ -22,23 +28,25 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::uri::AMQPUri;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::{BrokerConfig, redact_url};
+use crate::config::BrokerConfig;
 use crate::event::{Envelope, UNCLASSIFIED_KEY, metric_label, unclassified_reason};
 use crate::metrics::Metrics;
+use crate::nodes::{ConnectFailure, Nodes};
 
-/// Heartbeat asked for when the URL names none: a dead peer is noticed in
-/// seconds, not the broker's default minute.
-const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A link that lived this long was healthy: when it breaks, the next node is
+/// tried at once and the backoff starts over. A shorter-lived one (a node
+/// that accepts and then blocks or drops us) goes through the backoff, so a
+/// sick cluster is not hammered with connects.
+const STABLE_LINK: Duration = Duration::from_secs(30);
 /// How long a clean close (`connection.close` / `close-ok`) may take at
 /// shutdown before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -84,12 +92,17 @@ impl PublishError {
 /// One established connection and its confirm channels.
 struct Link {
     generation: u64,
+    /// Index into the configured nodes.
+    node: usize,
     channels: Vec<Channel>,
 }
 
 pub struct Broker {
     config: BrokerConfig,
     link: ArcSwapOption<Link>,
+    /// The last node that refused us (TLS or credentials), until a connect
+    /// succeeds: `/readyz` reports it instead of quietly spooling.
+    rejected: ArcSwapOption<String>,
     blocked: AtomicBool,
     next_channel: AtomicUsize,
     /// Generation a publisher found broken; the supervisor reconnects if it
@@ -111,6 +124,7 @@ impl Broker {
         Arc::new(Self {
             config,
             link: ArcSwapOption::empty(),
+            rejected: ArcSwapOption::empty(),
             blocked: AtomicBool::new(false),
             next_channel: AtomicUsize::new(0),
             suspect: AtomicU64::new(0),
@@ -123,6 +137,22 @@ impl Broker {
     /// True while a confirm channel is open and the broker does not block us.
     pub fn is_up(&self) -> bool {
         self.link.load().is_some() && !self.blocked.load(Ordering::Relaxed)
+    }
+
+    /// `host:port` of the node the relay publishes to, if connected.
+    pub fn connected_node(&self) -> Option<String> {
+        let link = self.link.load();
+        link.as_ref()
+            .map(|l| self.config.nodes.label(l.node).to_owned())
+    }
+
+    /// Why the last connect was refused by a node (bad CA, missing or
+    /// untrusted client certificate, wrong credentials), while no link is up.
+    pub fn rejected(&self) -> Option<String> {
+        if self.link.load().is_some() {
+            return None;
+        }
+        self.rejected.load_full().map(|r| r.as_ref().clone())
     }
 
     /// Resolves when a link comes up after this call (the drainer waits on
@@ -278,31 +308,37 @@ impl Broker {
 
     /// The supervisor: keeps a healthy link until shutdown.
     pub async fn supervise(self: Arc<Self>, shutdown: CancellationToken) {
+        let nodes: Nodes = self.config.nodes.clone();
         let mut backoff = Backoff::default();
         let mut generation = 0u64;
+        let mut node = rand::random_range(0..nodes.len());
         while !shutdown.is_cancelled() {
             generation += 1;
+            let label = nodes.label(node).to_owned();
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(generation)) => {
-                    r.unwrap_or_else(|_| Err(anyhow::anyhow!("connect timed out")))
+                r = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(node, generation)) => {
+                    r.unwrap_or_else(|_| Err(ConnectFailure::Unreachable("connect timed out".into())))
                 }
             };
-            match connected {
+            let delay = match connected {
                 Ok((connection, link)) => {
                     if generation > 1 {
                         self.metrics.broker_reconnects.inc();
                     }
-                    info!(url = %redact_url(&self.config.url), exchange = %self.config.exchange, "broker connected");
-                    backoff.reset();
+                    info!(node = %label, exchange = %self.config.exchange, "broker connected");
+                    let since = Instant::now();
+                    self.rejected.store(None);
                     self.link.store(Some(Arc::new(link)));
                     self.metrics.broker_up.set(1);
+                    self.metrics.broker_node.with_label_values(&[&label]).set(1);
                     self.up.notify_waiters();
                     let reason = self.watch(&connection, generation, &shutdown).await;
                     let link = self.link.swap(None);
                     self.blocked.store(false, Ordering::Relaxed);
                     self.metrics.broker_up.set(0);
                     self.metrics.broker_blocked.set(0);
+                    self.metrics.broker_node.with_label_values(&[&label]).set(0);
                     if shutdown.is_cancelled() {
                         // Shutdown: close cleanly and wait for it, so the
                         // broker sees a clean close rather than a reset.
@@ -322,15 +358,35 @@ impl Broker {
                     }
                     // A lost link: do not let a dead peer delay the reconnect.
                     tokio::spawn(close(connection));
-                    warn!(%reason, "broker connection lost; reconnecting");
+                    warn!(node = %label, %reason, "broker connection lost; trying the next node");
+                    if since.elapsed() >= STABLE_LINK {
+                        backoff.reset();
+                        Duration::ZERO
+                    } else {
+                        backoff.next_delay()
+                    }
                 }
                 Err(e) => {
-                    warn!(url = %redact_url(&self.config.url), error = %e, "broker connect failed");
+                    self.metrics
+                        .broker_connect_failures
+                        .with_label_values(&[e.reason().as_str()])
+                        .inc();
+                    if let ConnectFailure::Rejected(detail) = &e {
+                        error!(node = %label, error = %e, "broker node refused the relay; check --amqp-ca-file, --amqp-client-cert/-key and the credentials");
+                        self.rejected
+                            .store(Some(Arc::new(format!("{label}: {detail}"))));
+                    } else {
+                        warn!(node = %label, error = %e, "broker connect failed; trying the next node");
+                    }
+                    backoff.next_delay()
                 }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            };
+            node = (node + 1) % nodes.len();
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
         }
         info!("broker supervisor stopped");
@@ -357,6 +413,12 @@ impl Broker {
                     None => return "connection closed".into(),
                     Some(lapin::Event::Error(e)) => return e.to_string(),
                     Some(lapin::Event::ConnectionBlocked(reason)) => {
+                        if self.config.nodes.len() > 1 {
+                            // Another node may not be blocked (a disk alarm
+                            // is per node); a cluster-wide alarm blocks the
+                            // next one too, and the backoff paces the tries.
+                            return format!("broker blocked publishing: {reason}");
+                        }
                         warn!(%reason, "broker blocked publishing");
                         self.blocked.store(true, Ordering::Relaxed);
                         self.metrics.broker_blocked.set(1);
@@ -372,18 +434,31 @@ impl Broker {
         }
     }
 
-    async fn connect(&self, generation: u64) -> anyhow::Result<(Connection, Link)> {
-        let mut uri: AMQPUri = self
-            .config
-            .url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("invalid AMQP URL: {e}"))?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
-        }
+    async fn connect(
+        &self,
+        node: usize,
+        generation: u64,
+    ) -> Result<(Connection, Link), ConnectFailure> {
         let properties =
             ConnectionProperties::default().with_connection_name("ocrolus-relay".into());
-        let connection = Connection::connect_uri(uri, properties).await?;
+        let connection = self.config.nodes.connect(node, properties).await?;
+        match self.open_channels(&connection).await {
+            Ok(channels) => Ok((
+                connection,
+                Link {
+                    generation,
+                    node,
+                    channels,
+                },
+            )),
+            Err(e) => {
+                tokio::spawn(close(connection));
+                Err(ConnectFailure::Setup(e.to_string()))
+            }
+        }
+    }
+
+    async fn open_channels(&self, connection: &Connection) -> lapin::Result<Vec<Channel>> {
         let mut channels = Vec::with_capacity(self.config.channels);
         for _ in 0..self.config.channels {
             let channel = connection.create_channel().await?;
@@ -393,44 +468,44 @@ impl Broker {
             channels.push(channel);
         }
         if self.config.declare {
-            declare_topology(&channels[0], &self.config).await?;
+            declare_topology(
+                &channels[0],
+                &self.config.exchange,
+                self.config.alternate_exchange.as_deref(),
+                self.config.dead_letter_exchange.as_deref(),
+            )
+            .await?;
         }
-        Ok((
-            connection,
-            Link {
-                generation,
-                channels,
-            },
-        ))
+        Ok(channels)
     }
 }
 
 /// Declares the durable topic exchange and, unless switched off, its
 /// alternate exchange and the dead-letter exchange, each a fanout with a
 /// durable queue of the same name.
-pub async fn declare_topology(channel: &Channel, config: &BrokerConfig) -> lapin::Result<()> {
+pub async fn declare_topology(
+    channel: &Channel,
+    exchange: &str,
+    alternate_exchange: Option<&str>,
+    dead_letter_exchange: Option<&str>,
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
     let mut arguments = FieldTable::default();
-    if let Some(dead_letter) = &config.dead_letter_exchange {
+    if let Some(dead_letter) = dead_letter_exchange {
         declare_fanout_with_queue(channel, dead_letter).await?;
     }
-    if let Some(alternate) = &config.alternate_exchange {
+    if let Some(alternate) = alternate_exchange {
         declare_fanout_with_queue(channel, alternate).await?;
         arguments.insert(
             "alternate-exchange".into(),
-            AMQPValue::LongString(alternate.as_str().into()),
+            AMQPValue::LongString(alternate.into()),
         );
     }
     channel
-        .exchange_declare(
-            config.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            arguments,
-        )
+        .exchange_declare(exchange.into(), ExchangeKind::Topic, durable, arguments)
         .await
 }
 

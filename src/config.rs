@@ -13,6 +13,7 @@ use crate::auth::{AuthPolicy, BasicCredentials, Secrets};
 use crate::client::NetPolicy;
 use crate::config_error::ConfigError;
 use crate::event::EventTable;
+use crate::nodes::Nodes;
 use crate::units::{parse_duration, parse_size, parse_size_usize};
 
 /// `--spool-max-messages` when neither it nor its former name is given.
@@ -219,14 +220,27 @@ pub struct ServeArgs {
 /// Where events go; shared by `serve`, `tail` and `spool replay`.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://). Repeat it, or separate URLs with
+    /// commas, for the nodes of a cluster: the relay starts at a random one
+    /// and moves on in list order when a node fails.
     #[arg(
         long,
         env = "RELAY_AMQP_URL",
+        value_delimiter = ',',
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
         hide_default_value = true
     )]
-    pub amqp_url: String,
+    pub amqp_url: Vec<String>,
+    /// PEM CA certificate(s) that sign the broker's certificate (amqps://),
+    /// trusted on top of the system's.
+    #[arg(long, env = "RELAY_AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS with the broker.
+    #[arg(long, env = "RELAY_AMQP_CLIENT_CERT")]
+    pub amqp_client_cert: Option<PathBuf>,
+    /// PEM private key of --amqp-client-cert.
+    #[arg(long, env = "RELAY_AMQP_CLIENT_KEY")]
+    pub amqp_client_key: Option<PathBuf>,
     /// Topic exchange the events are published to.
     #[arg(long, env = "RELAY_EXCHANGE", default_value = "ocrolus.events")]
     pub exchange: String,
@@ -348,7 +362,7 @@ impl Sources {
 
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
-    pub url: String,
+    pub nodes: Nodes,
     pub exchange: String,
     pub alternate_exchange: Option<String>,
     pub dead_letter_exchange: Option<String>,
@@ -491,10 +505,7 @@ impl Config {
                 args.max_body, args.broker_max_message_size
             )));
         }
-        args.broker
-            .amqp_url
-            .parse::<lapin::uri::AMQPUri>()
-            .map_err(|e| ConfigError::new(format!("--amqp-url: {e}")))?;
+        let nodes = Nodes::from_args(&args.broker)?;
         if args.publish_channels == 0 || args.publish_channels > 64 {
             return Err(ConfigError::new("--publish-channels must be 1..=64"));
         }
@@ -542,7 +553,7 @@ impl Config {
                 timestamp_tolerance: args.timestamp_tolerance,
             },
             broker: BrokerConfig {
-                url: args.broker.amqp_url.clone(),
+                nodes,
                 exchange: args.broker.exchange.clone(),
                 alternate_exchange,
                 dead_letter_exchange,

@@ -32,6 +32,7 @@ mod event;
 mod limits;
 mod log_throttle;
 mod metrics;
+mod nodes;
 mod ocrolus;
 mod outbox;
 mod pipeline;

@@ -118,11 +118,16 @@ impl AppState {
 
     /// `/readyz`: can an event be made safe right now? A pure read; the
     /// `ready` gauge is set from it when metrics are scraped.
-    pub fn readiness(&self) -> Result<(), &'static str> {
+    ///
+    /// A node refusing our TLS or credentials is a configuration error: not
+    /// ready, with the reason, rather than a relay that silently spools.
+    pub fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Relaxed) {
-            Err("draining")
+            Err("draining".to_owned())
+        } else if let Some(rejected) = self.outbox.broker.rejected() {
+            Err(format!("broker refuses the relay: {rejected}"))
         } else if !self.outbox.can_accept() {
-            Err("broker down and spool full")
+            Err("broker down and spool full".to_owned())
         } else {
             Ok(())
         }

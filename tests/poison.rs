@@ -498,18 +498,15 @@ async fn corrupt_records_at_the_head_and_in_the_middle_do_not_spin_the_drainer()
         &format!("{exchange}.unrouted"),
         &spool,
     );
-    let config = ocrolus_relay::BrokerConfig {
-        url: AMQP_URL.into(),
-        exchange: exchange.clone(),
-        alternate_exchange: Some(format!("{exchange}.unrouted")),
-        dead_letter_exchange: Some(format!("{exchange}.dead")),
-        declare: true,
-        confirm_timeout: Duration::from_secs(2),
-        channels: 1,
-    };
-    ocrolus_relay::declare_topology(&broker.channel, &config)
-        .await
-        .expect("declare");
+    let (alternate, dead_letter) = (format!("{exchange}.unrouted"), format!("{exchange}.dead"));
+    ocrolus_relay::declare_topology(
+        &broker.channel,
+        &exchange,
+        Some(&alternate),
+        Some(&dead_letter),
+    )
+    .await
+    .expect("declare");
     let queue = broker.bind_queue(&exchange, "#").await;
     let relay = Process::start(&args).await;
 

@@ -24,7 +24,6 @@ use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use ocrolus_relay::BrokerConfig;
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ocrolus-relay");
@@ -691,18 +690,15 @@ impl BinaryRelay {
     /// Declares the relay's topology ourselves (same arguments), so a test
     /// queue can be bound before the relay ever reached the broker.
     async fn declare(&self, broker: &TestBroker) {
-        let config = BrokerConfig {
-            url: AMQP_URL.into(),
-            exchange: self.exchange.clone(),
-            alternate_exchange: Some(self.alternate.clone()),
-            dead_letter_exchange: Some(format!("{}.dead", self.exchange)),
-            declare: true,
-            confirm_timeout: Duration::from_secs(2),
-            channels: 1,
-        };
-        ocrolus_relay::declare_topology(&broker.channel, &config)
-            .await
-            .expect("declare topology");
+        let dead_letter = format!("{}.dead", self.exchange);
+        ocrolus_relay::declare_topology(
+            &broker.channel,
+            &self.exchange,
+            Some(&self.alternate),
+            Some(&dead_letter),
+        )
+        .await
+        .expect("declare topology");
     }
 
     async fn cleanup(&self, broker: &TestBroker) {

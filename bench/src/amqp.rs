@@ -3,7 +3,7 @@
 //! with the relay's own topology code.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use clap::Args;
@@ -13,7 +13,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
-use ocrolus_relay::{BrokerConfig, Envelope, declare_topology, properties};
+use ocrolus_relay::{Envelope, declare_topology, properties};
 use serde_json::json;
 
 use crate::load::{LoadArgs, Outcome, Plan, Signed, Tally, body_pool, presign};
@@ -168,16 +168,7 @@ pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
 pub async fn setup(args: &TopologyArgs) -> anyhow::Result<()> {
     let connection = amqp_connect(&args.amqp_url).await?;
     let channel = connection.create_channel().await?;
-    let topology = BrokerConfig {
-        url: args.amqp_url.clone(),
-        exchange: args.exchange.clone(),
-        alternate_exchange: None,
-        dead_letter_exchange: None,
-        declare: true,
-        confirm_timeout: Duration::from_secs(2),
-        channels: 1,
-    };
-    declare_topology(&channel, &topology)
+    declare_topology(&channel, &args.exchange, None, None)
         .await
         .context("declaring the bench exchange")?;
     channel

@@ -2,7 +2,7 @@
 //! summary. Never prints a secret.
 
 use crate::auth::{FileExposure, check_file_mode};
-use crate::config::{Config, redact_url};
+use crate::config::Config;
 use crate::config_error::ConfigError;
 use crate::outbox::spool::{SpoolError, SpoolFile};
 use crate::tls::Tls;
@@ -88,7 +88,10 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
             "note: with HMAC on, deliveries Ocrolus sends before the secret is registered (rotate-secret API) carry no signature and get 401"
         );
     }
-    println!("broker:            {}", redact_url(&config.broker.url));
+    println!(
+        "broker nodes:      {} (starting at a random one, then in this order)",
+        config.broker.nodes.labels().collect::<Vec<_>>().join(", ")
+    );
     println!(
         "exchange:          {} (alternate: {})",
         config.broker.exchange,

@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use futures_util::StreamExt;
+use lapin::ConnectionProperties;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
 
 use crate::auth::{BasicCredentials, Secrets};
 use crate::config::{BrokerArgs, DEFAULT_SOURCE};
 use crate::event::KNOWN_EVENTS;
+use crate::nodes::Nodes;
 use crate::ocrolus::api::{Webhook, WebhookBody, WebhookSettings, redact_userinfo};
 use crate::ocrolus::client::{ClientSecret, DEFAULT_API_URL, DEFAULT_AUDIENCE, DEFAULT_TOKEN_URL};
 use crate::ocrolus::{Client, ClientConfig};
@@ -527,7 +528,8 @@ async fn test(client: &Client, args: TestArgs, out: Output) -> anyhow::Result<()
         .ok_or_else(|| anyhow!("Ocrolus listed event {:?} without a uuid", args.event))?;
     let event_name = event.name.clone().unwrap_or_else(|| args.event.clone());
 
-    let connection = Connection::connect(&args.broker.amqp_url, ConnectionProperties::default())
+    let (connection, _) = Nodes::from_args(&args.broker)?
+        .connect_first(ConnectionProperties::default())
         .await
         .context("connecting to the broker to watch for the test event")?;
     let channel = connection.create_channel().await?;

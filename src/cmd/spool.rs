@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::config::{BrokerArgs, BrokerConfig};
 use crate::metrics::Metrics;
+use crate::nodes::Nodes;
 use crate::outbox::spool::SpoolFile;
 
 #[derive(Debug, clap::Args)]
@@ -104,9 +105,10 @@ pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
             }
         }
         SpoolAction::Replay { broker, quarantine } => {
+            let nodes = Nodes::from_args(&broker)?;
             let broker = Broker::new(
                 BrokerConfig {
-                    url: broker.amqp_url,
+                    nodes,
                     exchange: broker.exchange,
                     alternate_exchange: None,
                     dead_letter_exchange: None,
@@ -121,7 +123,10 @@ pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
             while !broker.is_up() {
                 if tokio::time::Instant::now() > deadline {
-                    bail!("broker not reachable");
+                    match broker.rejected() {
+                        Some(why) => bail!("broker refuses the connection: {why}"),
+                        None => bail!("no broker node reachable"),
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

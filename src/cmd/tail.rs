@@ -3,12 +3,13 @@
 
 use anyhow::Context;
 use futures_util::StreamExt;
+use lapin::ConnectionProperties;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
 use serde_json::{Map, Value, json};
 
 use crate::config::BrokerArgs;
+use crate::nodes::Nodes;
 
 #[derive(Debug, clap::Args)]
 pub struct TailArgs {
@@ -23,7 +24,9 @@ pub struct TailArgs {
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let connection = Connection::connect(&args.broker.amqp_url, ConnectionProperties::default())
+    let nodes = Nodes::from_args(&args.broker)?;
+    let (connection, node) = nodes
+        .connect_first(ConnectionProperties::default())
         .await
         .context("connecting to the broker")?;
     let channel = connection.create_channel().await?;
@@ -51,7 +54,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding to exchange {}", args.broker.exchange))?;
     }
     eprintln!(
-        "tailing exchange {} with {:?}",
+        "tailing exchange {} with {:?} on node {node}",
         args.broker.exchange, args.bindings
     );
     let mut consumer = channel

@@ -110,6 +110,15 @@ label_values! {
     }
 }
 
+label_values! {
+    /// `reason` of `broker_connect_failures_total`.
+    ConnectFailureReason {
+        Unreachable => "unreachable",
+        Rejected => "rejected",
+        Setup => "setup",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -133,5 +142,6 @@ mod tests {
         distinct_snake_case(Reason::ALL.iter().map(|r| r.as_str()));
         distinct_snake_case(ReloadResult::ALL.iter().map(|r| r.as_str()));
         distinct_snake_case(Unclassified::ALL.iter().map(|r| r.as_str()));
+        distinct_snake_case(ConnectFailureReason::ALL.iter().map(|r| r.as_str()));
     }
 }

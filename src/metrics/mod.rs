@@ -9,7 +9,7 @@ use prometheus::{
 
 mod labels;
 
-pub use labels::{Outcome, Reason, ReloadResult, Unclassified};
+pub use labels::{ConnectFailureReason, Outcome, Reason, ReloadResult, Unclassified};
 
 const PREFIX: &str = "ocrolus_relay";
 
@@ -32,6 +32,8 @@ pub struct Metrics {
     pub broker_up: IntGauge,
     pub broker_blocked: IntGauge,
     pub broker_reconnects: IntCounter,
+    pub broker_connect_failures: IntCounterVec,
+    pub broker_node: IntGaugeVec,
     pub spool_messages: IntGauge,
     pub spool_bytes: IntGauge,
     pub spool_oldest_age: IntGauge,
@@ -134,6 +136,18 @@ impl Metrics {
                 "broker_reconnects_total",
                 "Broker connections established after the first.",
             ),
+            broker_connect_failures: counter_vec(
+                r,
+                "broker_connect_failures_total",
+                "Failed connects to a broker node: unreachable, rejected (TLS or credentials) or setup.",
+                &["reason"],
+            ),
+            broker_node: gauge_vec(
+                r,
+                "broker_node_connected",
+                "1 for the broker node (host:port from --amqp-url) the relay publishes to.",
+                &["node"],
+            ),
             spool_messages: gauge(r, "spool_messages", "Events waiting in the spool."),
             spool_bytes: gauge(r, "spool_bytes", "Bytes of events waiting in the spool."),
             spool_oldest_age: gauge(
@@ -213,6 +227,10 @@ impl Metrics {
         }
         for reason in Unclassified::ALL {
             m.unclassified.with_label_values(&[reason.as_str()]);
+        }
+        for reason in ConnectFailureReason::ALL {
+            m.broker_connect_failures
+                .with_label_values(&[reason.as_str()]);
         }
         for result in ReloadResult::ALL {
             m.config_reloads.with_label_values(&[result.as_str()]);
@@ -296,6 +314,14 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     register(
         r,
         IntCounterVec::new(Opts::new(name, help), labels)
+            .unwrap_or_else(|e| panic!("metric {name}: {e}")),
+    )
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), labels)
             .unwrap_or_else(|e| panic!("metric {name}: {e}")),
     )
 }
