@@ -147,7 +147,8 @@ do_start() {
   fi
   if [ -f "$DIR/formed" ]; then
     # A node a test stopped (stop_app) or killed: bring it back with its
-    # data; it rejoins the cluster it belongs to.
+    # data; it rejoins the cluster it belongs to. In parallel: after the
+    # whole cluster stopped, each node waits for the others to come back.
     local started=()
     for n in "${NODES[@]}"; do
       if ! vm_running "$n"; then
@@ -157,14 +158,16 @@ do_start() {
       fi
     done
     for n in "${started[@]}"; do
-      await_node "$n" || true
+      await_node "$n" &
     done
+    wait
     for n in "${NODES[@]}"; do
       if ! app_running "$n"; then
         echo "cluster: start_app on $(node_name "$n")"
-        ctl "$n" start_app
+        ctl "$n" start_app >/dev/null 2>&1 &
       fi
     done
+    wait
   else
     for n in "${NODES[@]}"; do
       if vm_running "$n"; then

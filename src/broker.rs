@@ -468,13 +468,25 @@ impl Broker {
             channels.push(channel);
         }
         if self.config.declare {
-            declare_topology(
-                &channels[0],
-                &self.config.exchange,
-                self.config.alternate_exchange.as_deref(),
-                self.config.dead_letter_exchange.as_deref(),
-            )
-            .await?;
+            let alternate = self.config.alternate_exchange.as_deref();
+            let dead_letter = self.config.dead_letter_exchange.as_deref();
+            declare_exchanges(&channels[0], &self.config.exchange, alternate, dead_letter).await?;
+            for queue in [dead_letter, alternate].into_iter().flatten() {
+                // On a cluster these classic queues live on one node each;
+                // while that node is down, re-declaring one fails (404, "home
+                // node is down"). Publishing needs only the exchanges, so a
+                // failure here must not keep the relay off a healthy node.
+                // Its own channel: the error closes the channel.
+                let channel = connection.create_channel().await?;
+                match declare_fanout_queue(&channel, queue).await {
+                    Ok(()) => {
+                        let _ = channel.close(200, "declared".into()).await;
+                    }
+                    Err(e) => {
+                        warn!(queue, error = %e, "could not declare this queue on this node; publishing goes on")
+                    }
+                }
+            }
         }
         Ok(channels)
     }
@@ -489,16 +501,42 @@ pub async fn declare_topology(
     alternate_exchange: Option<&str>,
     dead_letter_exchange: Option<&str>,
 ) -> lapin::Result<()> {
+    declare_exchanges(channel, exchange, alternate_exchange, dead_letter_exchange).await?;
+    for queue in [dead_letter_exchange, alternate_exchange]
+        .into_iter()
+        .flatten()
+    {
+        declare_fanout_queue(channel, queue).await?;
+    }
+    Ok(())
+}
+
+/// The exchanges: cluster-wide metadata, declarable through any node.
+async fn declare_exchanges(
+    channel: &Channel,
+    exchange: &str,
+    alternate_exchange: Option<&str>,
+    dead_letter_exchange: Option<&str>,
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    let mut arguments = FieldTable::default();
-    if let Some(dead_letter) = dead_letter_exchange {
-        declare_fanout_with_queue(channel, dead_letter).await?;
+    for fanout in [dead_letter_exchange, alternate_exchange]
+        .into_iter()
+        .flatten()
+    {
+        channel
+            .exchange_declare(
+                fanout.into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
     }
+    let mut arguments = FieldTable::default();
     if let Some(alternate) = alternate_exchange {
-        declare_fanout_with_queue(channel, alternate).await?;
         arguments.insert(
             "alternate-exchange".into(),
             AMQPValue::LongString(alternate.into()),
@@ -509,19 +547,9 @@ pub async fn declare_topology(
         .await
 }
 
-async fn declare_fanout_with_queue(channel: &Channel, name: &str) -> lapin::Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            name.into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+/// The durable queue behind a fanout exchange of the same name (no
+/// arguments, as in `deploy/rabbitmq/definitions.json`), bound to it.
+async fn declare_fanout_queue(channel: &Channel, name: &str) -> lapin::Result<()> {
     channel
         .queue_declare(
             name.into(),
