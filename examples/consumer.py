@@ -20,7 +20,8 @@ It shows what a correct consumer does:
   so the broker dead-letters them instead of redelivering forever;
 * a handler error requeues the message; after x-delivery-limit attempts the
   quorum queue dead-letters it;
-* reconnects with capped exponential backoff and jitter.
+* reconnects with capped exponential backoff and jitter, to the first node
+  of the comma-separated --amqp-url list that answers (a RabbitMQ cluster).
 
 Each event is printed on stdout as one JSON line:
     {"routing_key": ..., "message_id": ..., "event": <x-ocrolus-event header>, "body": <the JSON body>}
@@ -170,8 +171,11 @@ class Consumer:
     # -- connection loop ----------------------------------------------------
     def run(self) -> int:
         a = self.args
-        params = pika.URLParameters(a.amqp_url)
-        params.client_properties = {"connection_name": a.connection_name}
+        # One URL per node of a cluster: pika tries them in order on every
+        # (re)connect and uses the first that answers.
+        params = [pika.URLParameters(url.strip()) for url in a.amqp_url.split(",") if url.strip()]
+        for p in params:
+            p.client_properties = {"connection_name": a.connection_name}
         backoff = 0.0
         while True:
             conn = None
@@ -220,7 +224,8 @@ class Consumer:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Example consumer for ocrolus-relay events (prints JSON lines).")
-    ap.add_argument("--amqp-url", default=DEFAULT_URL, help="default $AMQP_URL or %(default)s")
+    ap.add_argument("--amqp-url", default=DEFAULT_URL,
+                    help="broker URL, or comma-separated URLs of a cluster's nodes; default $AMQP_URL or %(default)s")
     ap.add_argument("--exchange", default="ocrolus.events", help="the relay's topic exchange (default %(default)s)")
     ap.add_argument("--queue", default="ocrolus-example-consumer", help="durable queue to declare (default %(default)s)")
     ap.add_argument("--binding", action="append", default=None,

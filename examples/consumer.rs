@@ -23,7 +23,8 @@
 //!   dead-letters it instead of redelivering it forever;
 //! * a failed handler requeues the message; after `x-delivery-limit` attempts
 //!   the quorum queue dead-letters it;
-//! * reconnects with capped exponential backoff and jitter.
+//! * reconnects with capped exponential backoff and jitter, to the next node
+//!   of `--amqp-url` (one URL per node of a RabbitMQ cluster).
 //!
 //! Each event is printed on stdout as one JSON line
 //! `{"routing_key": ..., "message_id": ..., "event": <x-ocrolus-event>, "body": <JSON body>}`;
@@ -49,12 +50,15 @@ use serde_json::{Value, json};
 #[derive(Debug, Parser)]
 #[command(about = "Example consumer for ocrolus-relay events (prints JSON lines)")]
 struct Args {
+    /// Broker URL; repeat it (or separate with commas) for the nodes of a
+    /// cluster: each reconnect goes to the next one in the list.
     #[arg(
         long,
         env = "AMQP_URL",
+        value_delimiter = ',',
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
-    amqp_url: String,
+    amqp_url: Vec<String>,
     /// The relay's topic exchange.
     #[arg(long, default_value = "ocrolus.events")]
     exchange: String,
@@ -149,6 +153,8 @@ struct Consumer {
     args: Args,
     seen: SeenIds,
     processed: u64,
+    /// Connection attempts so far; picks the node of the next one.
+    sessions: usize,
 }
 
 fn log(msg: impl std::fmt::Display) {
@@ -163,6 +169,7 @@ async fn main() -> ExitCode {
         args,
         seen: SeenIds::new(capacity),
         processed: 0,
+        sessions: 0,
     };
     tokio::select! {
         code = consumer.run() => code,
@@ -226,7 +233,11 @@ impl Consumer {
             )
             .into(),
         );
-        let connection = match Connection::connect(&self.args.amqp_url, properties).await {
+        // A cluster: every session tries the next node, so a dead one is
+        // left behind at the first reconnect.
+        let url = &self.args.amqp_url[self.sessions % self.args.amqp_url.len()];
+        self.sessions += 1;
+        let connection = match Connection::connect(url, properties).await {
             Ok(connection) => connection,
             Err(e) => return e.into(),
         };

@@ -115,8 +115,10 @@ write_node() {
   } >"$d/rabbitmq.conf"
 }
 
+# 9>&-: scripts/test.sh holds the cluster's lock on fd 9; a node that
+# inherited it would hold the lock for as long as it runs.
 start_vm() {
-  as_node "$1" "$RMQ_BIN/rabbitmq-server" -detached >/dev/null 2>&1
+  as_node "$1" "$RMQ_BIN/rabbitmq-server" -detached >/dev/null 2>&1 9>&-
 }
 
 # A freshly started VM registers with epmd only after a few seconds; until

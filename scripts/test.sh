@@ -8,20 +8,41 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-rabbitmq.sh
 
-# tests/cluster.rs runs against a three-node cluster on 127.0.0.1:5681-5683
-# (scripts/rabbitmq-cluster.sh). It starts in the background while Cargo
-# builds, and is stopped on every exit, failed or not, unless it was already
-# running before this script.
+# tests/cluster.rs stops and kills nodes of a three-node cluster on
+# 127.0.0.1:5681-5683 (scripts/rabbitmq-cluster.sh), which every checkout on
+# this machine shares. So its tests run in a phase of their own, under the
+# cluster's lock (flock on $cluster_lock, also taken by a test run by hand):
+# another run of this script waits for the lock instead of stopping nodes
+# under these tests. The lock is taken and the cluster started in the
+# background while Cargo builds and the other tests run; the cluster is
+# stopped on every exit, failed or not, unless it was running before.
+cluster_dir=${RELAY_CLUSTER_DIR:-/tmp/ocrolus-relay-cluster}
+cluster_lock="$cluster_dir.lock"
 cluster_log=$(mktemp)
-if scripts/rabbitmq-cluster.sh status >/dev/null 2>&1; then
-  echo "== RabbitMQ cluster: already running (left running)"
-  cluster_pid=""
-else
-  echo "== RabbitMQ cluster: starting in the background"
-  scripts/rabbitmq-cluster.sh start >"$cluster_log" 2>&1 &
-  cluster_pid=$!
-  trap 'wait "$cluster_pid" 2>/dev/null || true; scripts/rabbitmq-cluster.sh stop; rm -f "$cluster_log"' EXIT
-fi
+exec 9>"$cluster_lock"
+(
+  if ! flock -w 3600 9; then
+    echo "cluster lock $cluster_lock still held after an hour"
+    exit 1
+  fi
+  if scripts/rabbitmq-cluster.sh status >/dev/null 2>&1 9>&-; then
+    echo "== RabbitMQ cluster: already running (left running)"
+  else
+    touch "$cluster_log.started"
+    # 9>&-: the nodes must not inherit the lock (they outlive this script).
+    scripts/rabbitmq-cluster.sh start 9>&-
+  fi
+) >"$cluster_log" 2>&1 &
+cluster_pid=$!
+stop_cluster() {
+  wait "$cluster_pid" 2>/dev/null || true
+  if [ -e "$cluster_log.started" ]; then
+    scripts/rabbitmq-cluster.sh stop 9>&-
+  fi
+  rm -f "$cluster_log" "$cluster_log.started"
+  flock -u 9 2>/dev/null || true
+}
+trap stop_cluster EXIT
 
 echo "== cargo test"
 # Every broker test runs here: a missing broker fails instead of skipping.
@@ -29,16 +50,18 @@ export RELAY_TEST_REQUIRE_BROKER=1
 # tests/subscribers.rs runs the example consumer's binary: build it first
 # (cargo test compiles examples, but not to their plain path).
 cargo build --workspace --examples --locked
-if [ -n "$cluster_pid" ]; then
-  if ! wait "$cluster_pid"; then
-    cat "$cluster_log" >&2
-    echo "RabbitMQ cluster did not start" >&2
-    exit 1
-  fi
-  cat "$cluster_log"
+cargo test --workspace --all-targets --locked -- --skip cluster_
+
+echo "== cargo test --test cluster (three-node RabbitMQ cluster)"
+if ! wait "$cluster_pid"; then
+  cat "$cluster_log" >&2
+  echo "RabbitMQ cluster did not start" >&2
+  exit 1
 fi
-# With the cluster started here, tests/cluster.rs must not skip.
-RELAY_CLUSTER_REQUIRED=1 cargo test --workspace --all-targets --locked
+cat "$cluster_log"
+RELAY_CLUSTER_REQUIRED=1 RELAY_CLUSTER_LOCKED=1 cargo test --locked -p ocrolus-relay --test cluster
+stop_cluster
+trap - EXIT
 
 echo "== README quick start, as typed, in a fresh clone"
 scripts/quickstart-test.sh

@@ -1,9 +1,10 @@
 //! Issue 14: the relay against a real three-node RabbitMQ cluster
 //! (`scripts/rabbitmq-cluster.sh`: relay-c1..3@localhost on 127.0.0.1:5681-5683,
-//! amqps with mutual TLS on 5691). `scripts/test.sh` starts the cluster
-//! before `cargo test` and stops it afterwards; run alone, these tests skip
-//! with a message when no cluster runs (or fail, with
-//! `RELAY_CLUSTER_REQUIRED=1`).
+//! amqps with mutual TLS on 5691). `scripts/test.sh` runs them in a phase of
+//! their own (every test name starts with `cluster_`, which its main run
+//! skips): it takes the cluster's lock, starts the cluster, runs them and
+//! stops it. Run alone, they skip with a message when no cluster runs (or
+//! fail, with `RELAY_CLUSTER_REQUIRED=1`) and take the lock per test.
 //!
 //! Each test takes the whole cluster (they stop nodes), so they run one at a
 //! time, and starts by bringing every node back. Each declares its own quorum
@@ -51,6 +52,48 @@ const CLUSTER_OUTAGE: Duration = Duration::from_secs(20);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The cluster's lock file: `scripts/test.sh` holds it for its whole cluster
+/// phase (and says so with `RELAY_CLUSTER_LOCKED=1`); a test run by hand
+/// takes it for each test, so that two runs on one machine never stop nodes
+/// under each other.
+fn lock_file() -> PathBuf {
+    let mut name = cluster_dir().into_os_string();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Holds the lock through `flock(1)`: the child keeps it until this test
+/// drops it or dies (its stdin closes and `read` returns).
+async fn take_lock() -> Option<tokio::process::Child> {
+    use tokio::io::AsyncBufReadExt;
+    if std::env::var_os("RELAY_CLUSTER_LOCKED").is_some() {
+        return None;
+    }
+    let mut child = tokio::process::Command::new("flock")
+        .arg("-x")
+        .arg(lock_file())
+        .args(["-c", "echo locked; read _"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("flock(1)");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .await
+        .expect("read flock output");
+    assert_eq!(line.trim(), "locked", "flock {}", lock_file().display());
+    Some(child)
+}
+
+/// One test's hold on the cluster.
+struct ClusterGuard {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+    _lock: Option<tokio::process::Child>,
+}
+
 fn node_url(port: u16) -> String {
     format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
 }
@@ -84,8 +127,8 @@ async fn script(args: &[&str]) -> String {
 
 /// Takes the cluster for one test and makes sure all three nodes run;
 /// `None` (skip) when no test cluster was started.
-async fn cluster() -> Option<tokio::sync::MutexGuard<'static, ()>> {
-    let guard = SERIAL.lock().await;
+async fn cluster() -> Option<ClusterGuard> {
+    let serial = SERIAL.lock().await;
     if !cluster_dir().join("formed").exists() {
         assert!(
             std::env::var_os("RELAY_CLUSTER_REQUIRED").is_none(),
@@ -96,8 +139,12 @@ async fn cluster() -> Option<tokio::sync::MutexGuard<'static, ()>> {
         );
         return None;
     }
+    let lock = take_lock().await;
     script(&["start"]).await;
-    Some(guard)
+    Some(ClusterGuard {
+        _serial: serial,
+        _lock: lock,
+    })
 }
 
 /// Index (1-3) of the node behind a `host:port` label.
@@ -565,12 +612,12 @@ async fn node_loss_under_load(how: NodeStop) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn node_stop_app_under_load_loses_nothing() {
+async fn cluster_node_stop_app_under_load_loses_nothing() {
     node_loss_under_load(NodeStop::StopApp).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn node_hard_kill_under_load_loses_nothing() {
+async fn cluster_node_hard_kill_under_load_loses_nothing() {
     node_loss_under_load(NodeStop::Kill).await;
 }
 
@@ -578,7 +625,7 @@ async fn node_hard_kill_under_load_loses_nothing() {
 // 2. The whole cluster down under load.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn whole_cluster_down_spools_then_delivers_in_arrival_order() {
+async fn cluster_whole_cluster_down_spools_then_delivers_in_arrival_order() {
     let Some(_cluster) = cluster().await else {
         return;
     };
@@ -814,7 +861,7 @@ impl Balancer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn replica_kill_dash_nine_under_load_loses_nothing() {
+async fn cluster_replica_kill_dash_nine_under_load_loses_nothing() {
     let Some(_cluster) = cluster().await else {
         return;
     };
@@ -883,7 +930,7 @@ async fn replica_kill_dash_nine_under_load_loses_nothing() {
 // 4. A dead replica's spool, drained from elsewhere with `spool replay`.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn spool_replay_drains_a_dead_replicas_spool_through_the_node_list() {
+async fn cluster_spool_replay_drains_a_dead_replicas_spool_through_the_node_list() {
     let Some(_cluster) = cluster().await else {
         return;
     };
@@ -1037,7 +1084,7 @@ async fn wait_not_ready(relay: &TestRelay, needle: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn amqps_with_mutual_tls_publishes() {
+async fn cluster_amqps_with_mutual_tls_publishes() {
     let Some(_cluster) = cluster().await else {
         return;
     };
@@ -1073,7 +1120,7 @@ async fn amqps_with_mutual_tls_publishes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn amqps_with_a_wrong_ca_is_a_readiness_error() {
+async fn cluster_amqps_with_a_wrong_ca_is_a_readiness_error() {
     let Some(_cluster) = cluster().await else {
         return;
     };
@@ -1104,7 +1151,7 @@ async fn amqps_with_a_wrong_ca_is_a_readiness_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn amqps_without_a_client_certificate_is_a_readiness_error() {
+async fn cluster_amqps_without_a_client_certificate_is_a_readiness_error() {
     let Some(_cluster) = cluster().await else {
         return;
     };
@@ -1121,7 +1168,7 @@ async fn amqps_without_a_client_certificate_is_a_readiness_error() {
 }
 
 #[tokio::test]
-async fn a_missing_client_certificate_file_stops_the_start() {
+async fn cluster_a_missing_client_certificate_file_stops_the_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let opts = RelayOptions {
         amqp_url: TLS_URL.into(),
