@@ -483,7 +483,7 @@ impl Broker {
                         let _ = channel.close(200, "declared".into()).await;
                     }
                     Err(e) => {
-                        warn!(queue, error = %e, "could not declare this queue on this node; publishing goes on")
+                        warn!(queue, error = %e, "could not declare this queue on this node; publishing goes on");
                     }
                 }
             }
