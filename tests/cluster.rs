@@ -104,9 +104,10 @@ fn cluster_urls() -> String {
 }
 
 fn cluster_dir() -> PathBuf {
-    std::env::var_os("RELAY_CLUSTER_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/ocrolus-relay-cluster"))
+    std::env::var_os("RELAY_CLUSTER_DIR").map_or_else(
+        || PathBuf::from("/tmp/ocrolus-relay-cluster"),
+        PathBuf::from,
+    )
 }
 
 /// Runs the cluster script; panics with its output when it fails.
@@ -156,8 +157,7 @@ fn node_index(label: &str) -> usize {
     NODE_PORTS
         .iter()
         .position(|p| *p == port)
-        .map(|i| i + 1)
-        .unwrap_or_else(|| panic!("{label} is no cluster node"))
+        .map_or_else(|| panic!("{label} is no cluster node"), |i| i + 1)
 }
 
 /// A connection to the first node that answers.
@@ -473,7 +473,7 @@ fn unthrottled() -> Vec<String> {
         "100000",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect()
 }
 
@@ -734,13 +734,13 @@ impl Replica {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines() {
                 let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["message"] == "ocrolus-relay serving" {
-                        let _ = tx.send((
-                            v["listen"].as_str().unwrap_or_default().to_owned(),
-                            v["admin"].as_str().unwrap_or_default().to_owned(),
-                        ));
-                    }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["message"] == "ocrolus-relay serving"
+                {
+                    let _ = tx.send((
+                        v["listen"].as_str().unwrap_or_default().to_owned(),
+                        v["admin"].as_str().unwrap_or_default().to_owned(),
+                    ));
                 }
                 sink.lock().expect("logs").push(line);
             }
