@@ -1,5 +1,5 @@
 //! A minimal HTTP/1 client for the relay's own admin listener, used by
-//! `healthcheck` and by `spool stats|list` against a running relay.
+//! `healthcheck`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
