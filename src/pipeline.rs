@@ -159,7 +159,7 @@ pub async fn handle(
             }
             // hyper closes a connection whose body was left unread without
             // saying so; the client would send its next request into a
-            // closed socket (issue 17).
+            // closed socket.
             if http1 && !keep {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }

@@ -57,7 +57,7 @@ pub enum AfterAnswer {
 }
 
 impl AfterAnswer {
-    /// Issue 12's rule: every 4xx that a retry cannot fix closes; 429 and
+    /// The rule: every 4xx that a retry cannot fix closes; 429 and
     /// the 5xx answers (the relay's own trouble) keep the connection.
     fn of(status: StatusCode) -> Self {
         if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {

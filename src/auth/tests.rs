@@ -250,7 +250,7 @@ fn debug_output_hides_secrets() {
     assert!(!shown.contains("0123456789abcdef-test-secret"), "{shown}");
 }
 
-/// Issue 12, item 4: random secrets often start with `#`; such a line is a
+/// Regression: random secrets often start with `#`; such a line is a
 /// secret, not a comment (it used to be skipped, which turned HMAC off).
 #[test]
 fn hash_followed_by_a_non_space_is_a_secret() {

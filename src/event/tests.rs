@@ -113,7 +113,7 @@ fn only_bodies_that_are_not_json_are_refused() {
     }
 }
 
-/// Issue 12: an authentic body was refused with 400 for its content (and
+/// Regression: an authentic body was refused with 400 for its content (and
 /// lost after Ocrolus' 3 retries); now it is published unclassified.
 #[test]
 fn unclassifiable_json_resolves_to_unclassified_with_a_reason() {

@@ -2,7 +2,7 @@
 //! encoded. Every record starts with a format byte, so that a later layout
 //! is either read as what it is or quarantined, never misread as another.
 //!
-//! - Format 1 (up to issue 12): the postcard-encoded [`Envelope`] with no
+//! - Format 1 (before records were versioned): the postcard-encoded [`Envelope`] with no
 //!   format byte, in the table `events`. A spool in this format is
 //!   converted at open ([`super::store`]), one transaction: each record
 //!   moves to `records` under the same key (arrival order is kept), and one

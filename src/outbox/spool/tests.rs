@@ -168,7 +168,7 @@ fn quarantine_keys(spool_quarantine: &[Quarantined]) -> Vec<u64> {
     spool_quarantine.iter().map(|q| q.seq).collect()
 }
 
-/// Issue 12 item 3: unreadable records at the head and in the middle go to
+/// Regression: unreadable records at the head and in the middle go to
 /// quarantine with their bytes; the good ones are read, in order, and the
 /// next read does not meet the bad ones again. Before, they were skipped,
 /// left in place and met (and logged) again on every read.
@@ -329,7 +329,7 @@ impl Drop for TinyDisk {
     }
 }
 
-/// Issue 12, "also fix": `append` reserved room in the counts before its
+/// Regression: `append` reserved room in the counts before its
 /// commit and gave it back only if it was still running when the commit
 /// failed. A request cancelled in between (its future dropped) leaked the
 /// reservation: the spool looked fuller, for good. Failed before the fix
