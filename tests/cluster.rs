@@ -17,10 +17,9 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -705,116 +704,6 @@ async fn cluster_whole_cluster_down_spools_then_delivers_in_arrival_order() {
 // ---------------------------------------------------------------------------
 // 3. Two relay replicas (the binary) behind a load balancer; kill -9 one.
 
-/// A relay process started from the built binary.
-struct Replica {
-    child: Child,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Replica {
-    /// Starts `serve ARGS --log-format json` and learns its ports from the
-    /// "serving" log line.
-    async fn start(args: &[String]) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .args(["--log-format", "json"])
-            .env("RUST_LOG", "info,lapin=warn,amq_protocol=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn relay binary");
-        let stderr = child.stderr.take().expect("stderr");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && v["message"] == "ocrolus-relay serving"
-                {
-                    let _ = tx.send((
-                        v["listen"].as_str().unwrap_or_default().to_owned(),
-                        v["admin"].as_str().unwrap_or_default().to_owned(),
-                    ));
-                }
-                sink.lock().expect("logs").push(line);
-            }
-        });
-        let ports = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-            .await
-            .expect("join");
-        let Ok((listen, admin)) = ports else {
-            let _ = child.kill();
-            panic!(
-                "relay binary did not start:\n{}",
-                logs.lock().expect("logs").join("\n")
-            );
-        };
-        Self {
-            child,
-            listen: listen.parse().expect("listen address"),
-            admin: admin.parse().expect("admin address"),
-            logs,
-        }
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        let _ = self.child.wait();
-    }
-
-    async fn metric(&self, series: &str) -> Option<f64> {
-        let attempt = async {
-            let stream = TcpStream::connect(self.admin).await.ok()?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .ok()?;
-            tokio::spawn(conn);
-            let req = Request::get("/metrics")
-                .header("host", self.admin.to_string())
-                .body(Full::new(Bytes::new()))
-                .ok()?;
-            let response = sender.send_request(req).await.ok()?;
-            let body = response.into_body().collect().await.ok()?.to_bytes();
-            Some(metric_value(&String::from_utf8_lossy(&body), series))
-        };
-        tokio::time::timeout(Duration::from_secs(10), attempt)
-            .await
-            .ok()
-            .flatten()
-    }
-
-    async fn wait_drained(&self) -> Duration {
-        let started = Instant::now();
-        while started.elapsed() < EVENTUALLY {
-            let up = self.metric("ocrolus_relay_broker_up").await;
-            let spooled = self.metric("ocrolus_relay_spool_messages").await;
-            if up == Some(1.0) && spooled == Some(0.0) {
-                return started.elapsed();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "replica never drained its spool:\n{}",
-            self.logs.lock().expect("logs").join("\n")
-        );
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// A TCP load balancer: each connection goes to the next backend in turn;
 /// a backend that refuses is skipped (as a health-checking balancer would).
 struct Balancer {
@@ -880,8 +769,8 @@ async fn cluster_replica_kill_dash_nine_under_load_loses_nothing() {
         };
         serve_args(&opts, dir, &exchange, &alternate, &dir.join("spool"))
     };
-    let mut a = Replica::start(&args(dirs[0].path())).await;
-    let b = Replica::start(&args(dirs[1].path())).await;
+    let mut a = RelayBinary::start(&args(dirs[0].path())).await;
+    let b = RelayBinary::start(&args(dirs[1].path())).await;
     let lb = Balancer::start(vec![a.listen, b.listen]).await;
     let run = unique("replica-kill");
 
@@ -897,13 +786,13 @@ async fn cluster_replica_kill_dash_nine_under_load_loses_nothing() {
     load.wait_for(300).await;
     let a_listen = a.listen;
     drop(a);
-    let restarted = Replica::start(&args(dirs[0].path())).await;
+    let restarted = RelayBinary::start(&args(dirs[0].path())).await;
     let restart_took = killed.elapsed();
     lb.replace(a_listen, restarted.listen);
     load.wait_for(300).await;
     let answers = load.finish().await;
-    let drained_a = restarted.wait_drained().await;
-    let drained_b = b.wait_drained().await;
+    let drained_a = restarted.wait_drained(EVENTUALLY).await;
+    let drained_b = b.wait_drained(EVENTUALLY).await;
 
     let ok = ok_map(&answers);
     let want: HashSet<String> = ok.keys().cloned().collect();
@@ -945,7 +834,7 @@ async fn cluster_spool_replay_drains_a_dead_replicas_spool_through_the_node_list
         extra: unthrottled(),
         ..RelayOptions::default()
     };
-    let mut replica = Replica::start(&serve_args(
+    let mut replica = RelayBinary::start(&serve_args(
         &opts,
         dir.path(),
         &exchange,

@@ -314,95 +314,6 @@ async fn poison_that_cannot_be_dead_lettered_is_quarantined() {
 // Item 3: unreadable records and files, with the real binary (its logs and
 // CPU time are what the defect was about).
 
-/// A relay process; its stderr lines are collected.
-struct Process {
-    child: std::process::Child,
-    url: String,
-    admin: std::net::SocketAddr,
-    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Process {
-    async fn start(args: &[String]) -> Self {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ocrolus-relay"))
-            .arg("serve")
-            .args(args)
-            .args(["--log-format", "json"])
-            .env("RUST_LOG", "info,lapin=warn,amq_protocol=warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn relay binary");
-        let stderr = child.stderr.take().expect("stderr");
-        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && v["message"] == "ocrolus-relay serving"
-                {
-                    let _ = tx.send((
-                        v["listen"].as_str().unwrap_or_default().to_owned(),
-                        v["admin"].as_str().unwrap_or_default().to_owned(),
-                    ));
-                }
-                sink.lock().expect("logs").push(line);
-            }
-        });
-        let ports = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-            .await
-            .expect("join");
-        let Ok((listen, admin)) = ports else {
-            let _ = child.kill();
-            panic!(
-                "relay did not start:\n{}",
-                logs.lock().expect("logs").join("\n")
-            );
-        };
-        Self {
-            child,
-            url: format!("http://{listen}/webhooks/ocrolus"),
-            admin: admin.parse().expect("admin address"),
-            logs,
-        }
-    }
-
-    async fn metric(&self, series: &str) -> f64 {
-        let (_, _, body) = get(&format!("http://{}/metrics", self.admin)).await;
-        metric_value(&String::from_utf8_lossy(&body), series)
-    }
-
-    /// Lines logged so far, and how many of them are warnings or errors.
-    fn log_counts(&self) -> (usize, usize, usize) {
-        let logs = self.logs.lock().expect("logs");
-        let loud = logs
-            .iter()
-            .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
-            .count();
-        (logs.len(), loud, logs.iter().map(|l| l.len() + 1).sum())
-    }
-
-    /// User + system CPU time of the process, in clock ticks (1/100 s).
-    fn cpu_ticks(&self) -> u64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("/proc stat");
-        let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The previous release's record layout (format 1): a postcard-encoded
 /// envelope, no format byte, in the table `events`.
 #[derive(serde::Serialize)]
@@ -508,7 +419,7 @@ async fn corrupt_records_at_the_head_and_in_the_middle_do_not_spin_the_drainer()
     .await
     .expect("declare");
     let queue = broker.bind_queue(&exchange, "#").await;
-    let relay = Process::start(&args).await;
+    let relay = RelayBinary::start(&args).await;
 
     let got = collect(&broker, &queue, &want, EVENTUALLY).await;
     assert_exact(&got, &want);
@@ -516,7 +427,7 @@ async fn corrupt_records_at_the_head_and_in_the_middle_do_not_spin_the_drainer()
     while relay
         .metric("ocrolus_relay_spool_quarantined_messages")
         .await
-        < 307.0
+        < Some(307.0)
         && started.elapsed() < EVENTUALLY
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -525,9 +436,12 @@ async fn corrupt_records_at_the_head_and_in_the_middle_do_not_spin_the_drainer()
         relay
             .metric("ocrolus_relay_spool_quarantined_messages")
             .await,
-        307.0
+        Some(307.0)
     );
-    assert_eq!(relay.metric("ocrolus_relay_spool_messages").await, 0.0);
+    assert_eq!(
+        relay.metric("ocrolus_relay_spool_messages").await,
+        Some(0.0)
+    );
 
     // Quiet from here on: a few seconds of nothing to do.
     let (lines_before, _, _) = relay.log_counts();
@@ -597,10 +511,12 @@ async fn a_corrupt_spool_file_is_moved_aside_and_the_relay_still_delivers() {
         &format!("{exchange}.unrouted"),
         &spool,
     );
-    let relay = Process::start(&args).await;
+    let relay = RelayBinary::start(&args).await;
     let broker = TestBroker::connect().await;
     let started = Instant::now();
-    while relay.metric("ocrolus_relay_broker_up").await < 1.0 && started.elapsed() < EVENTUALLY {
+    while relay.metric("ocrolus_relay_broker_up").await < Some(1.0)
+        && started.elapsed() < EVENTUALLY
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let queue = broker.bind_queue(&exchange, "#").await;
@@ -618,7 +534,7 @@ async fn a_corrupt_spool_file_is_moved_aside_and_the_relay_still_delivers() {
     assert_exact(&collect(&broker, &queue, &want, EVENTUALLY).await, &want);
     assert_eq!(
         relay.metric("ocrolus_relay_spool_files_moved_aside").await,
-        1.0
+        Some(1.0)
     );
     let moved = std::fs::read_dir(&spool)
         .expect("dir")

@@ -11,10 +11,9 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +25,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ocrolus-relay");
 /// Upper bound for anything that "eventually" happens on a busy 2-core box.
 const EVENTUALLY: Duration = Duration::from_secs(90);
 
@@ -510,145 +508,6 @@ async fn long_outage_delivers_everything_in_arrival_order() {
 // ---------------------------------------------------------------------------
 // The real binary, for process-level faults.
 
-/// A relay process started from the built binary.
-struct Spawned {
-    child: Child,
-    url: String,
-    admin: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Spawned {
-    /// Starts `ocrolus-relay serve ARGS --log-format json` and learns its
-    /// ephemeral ports from the "serving" log line (no port races).
-    async fn start(args: &[String]) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .args(["--log-format", "json"])
-            .env("RUST_LOG", "info,lapin=warn,amq_protocol=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn relay binary");
-        let stderr = child.stderr.take().expect("stderr");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && v["message"] == "ocrolus-relay serving"
-                {
-                    let _ = tx.send((
-                        v["listen"].as_str().unwrap_or_default().to_owned(),
-                        v["admin"].as_str().unwrap_or_default().to_owned(),
-                    ));
-                }
-                sink.lock().expect("logs").push(line);
-            }
-        });
-        let ports = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-            .await
-            .expect("join");
-        let Ok((listen, admin)) = ports else {
-            let _ = child.kill();
-            panic!(
-                "relay binary did not start:\n{}",
-                logs.lock().expect("logs").join("\n")
-            );
-        };
-        let admin: SocketAddr = admin.parse().expect("admin address");
-        Self {
-            child,
-            url: format!("http://{listen}/webhooks/ocrolus"),
-            admin,
-            logs,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL: no shutdown code runs.
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        let _ = self.child.wait();
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("kill -TERM");
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit; `None` if it did not within `within`.
-    async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let started = Instant::now();
-        while started.elapsed() < within {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-
-    async fn metric(&self, series: &str) -> Option<f64> {
-        let url = format!("http://{}/metrics", self.admin);
-        let attempt = async {
-            let stream = TcpStream::connect(self.admin).await.ok()?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .ok()?;
-            tokio::spawn(conn);
-            let uri: http::Uri = url.parse().ok()?;
-            let req = Request::get(uri.path())
-                .header("host", self.admin.to_string())
-                .body(Full::new(Bytes::new()))
-                .ok()?;
-            let response = sender.send_request(req).await.ok()?;
-            let body = response.into_body().collect().await.ok()?.to_bytes();
-            Some(metric_value(&String::from_utf8_lossy(&body), series))
-        };
-        tokio::time::timeout(Duration::from_secs(10), attempt)
-            .await
-            .ok()
-            .flatten()
-    }
-
-    /// Waits until the broker is up and the spool empty, per `/metrics`.
-    async fn wait_drained(&self) -> Duration {
-        let started = Instant::now();
-        while started.elapsed() < EVENTUALLY {
-            let up = self.metric("ocrolus_relay_broker_up").await;
-            let spooled = self.metric("ocrolus_relay_spool_messages").await;
-            if up == Some(1.0) && spooled == Some(0.0) {
-                return started.elapsed();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "spawned relay never drained its spool:\n{}",
-            self.logs.lock().expect("logs").join("\n")
-        );
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// Names and files for a spawned relay; `serve_args` writes the allowlist
 /// and secrets into `dir`.
 struct BinaryRelay {
@@ -728,7 +587,7 @@ async fn kill_dash_nine_with_a_full_spool_then_restart_delivers_all() {
     let proxy = FaultProxy::start("127.0.0.1:5672").await;
     proxy.cut();
 
-    let mut first = Spawned::start(&files.args(&proxy.url(), unthrottled())).await;
+    let mut first = RelayBinary::start(&files.args(&proxy.url(), unthrottled())).await;
     let run = unique("kill9");
     let mut tally = Tally::default();
     // Concurrent senders so the kill lands while group commits are busy.
@@ -748,8 +607,8 @@ async fn kill_dash_nine_with_a_full_spool_then_restart_delivers_all() {
     first.kill9();
     assert_eq!(tally.spooled, EVENTS, "broker unreachable: all spooled");
 
-    let second = Spawned::start(&files.args(AMQP_URL, unthrottled())).await;
-    let drain_time = second.wait_drained().await;
+    let second = RelayBinary::start(&files.args(AMQP_URL, unthrottled())).await;
+    let drain_time = second.wait_drained(EVENTUALLY).await;
     let want: HashSet<String> = tally.ok.keys().cloned().collect();
     let delivered = collect(&broker, &queue, &want).await;
     let lost = delivered.lost(&tally);
@@ -1091,7 +950,7 @@ async fn sigterm_under_load_loses_nothing_and_exits_in_time() {
         "--shutdown-deadline",
         &DEADLINE.to_string(),
     ]);
-    let mut relay = Spawned::start(&files.args(AMQP_URL, extra)).await;
+    let mut relay = RelayBinary::start(&files.args(AMQP_URL, extra)).await;
     let ready_before = readyz(relay.admin).await.map(|(s, _)| s);
     let run = unique("sigterm");
 
@@ -1153,8 +1012,8 @@ async fn sigterm_under_load_loses_nothing_and_exits_in_time() {
         spool.stats().expect("stats").messages
     };
     if left_in_spool > 0 {
-        let mut next = Spawned::start(&files.args(AMQP_URL, unthrottled())).await;
-        next.wait_drained().await;
+        let mut next = RelayBinary::start(&files.args(AMQP_URL, unthrottled())).await;
+        next.wait_drained(EVENTUALLY).await;
         next.sigterm();
         next.wait_exit(Duration::from_secs(60)).await;
     }
