@@ -24,11 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
-use http::Request;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
@@ -302,39 +298,12 @@ fn event_body(n: usize, run: &str) -> Vec<u8> {
 
 /// One signed POST; `None` when the connection failed or no answer came.
 async fn try_post(url: &str, id: &str, body: &[u8]) -> Option<(u16, String)> {
-    let headers = signed_headers(SECRET, id, now_secs(), body);
-    let body = Bytes::copy_from_slice(body);
-    let attempt = async {
-        let uri: http::Uri = url.parse().ok()?;
-        let authority = uri.authority()?.clone();
-        let stream = TcpStream::connect(authority.as_str()).await.ok()?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(conn);
-        let mut builder = Request::builder()
-            .method("POST")
-            .uri(uri.path())
-            .header("host", authority.as_str());
-        for (k, v) in &headers {
-            builder = builder.header(k.as_str(), v.as_str());
-        }
-        let response = sender
-            .send_request(builder.body(Full::new(body)).ok()?)
-            .await
-            .ok()?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await.ok()?.to_bytes();
-        let outcome = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["status"].as_str().map(str::to_owned))
-            .unwrap_or_default();
-        Some((status, outcome))
-    };
-    tokio::time::timeout(Duration::from_secs(60), attempt)
-        .await
+    let (status, _, body) = common::try_post(url, id, body, Duration::from_secs(60)).await?;
+    let outcome = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
-        .flatten()
+        .and_then(|v| v["status"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    Some((status, outcome))
 }
 
 /// The final answer to one delivery, after Ocrolus-style retries.

@@ -57,36 +57,7 @@ fn event_body(n: usize, run: &str) -> Vec<u8> {
 /// One signed POST that never panics: `None` when the connection failed
 /// (refused, reset, closed without an answer) or no answer came in 60 s.
 async fn try_post(url: &str, id: &str, body: &[u8]) -> Option<Answer> {
-    let headers = signed_headers(SECRET, id, now_secs(), body);
-    let body = Bytes::copy_from_slice(body);
-    let attempt = async {
-        let uri: http::Uri = url.parse().ok()?;
-        let authority = uri.authority()?.clone();
-        let stream = TcpStream::connect(authority.as_str()).await.ok()?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(conn);
-        let mut builder = Request::builder()
-            .method("POST")
-            .uri(uri.path())
-            .header("host", authority.as_str());
-        for (k, v) in &headers {
-            builder = builder.header(k.as_str(), v.as_str());
-        }
-        let response = sender
-            .send_request(builder.body(Full::new(body)).ok()?)
-            .await
-            .ok()?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response.into_body().collect().await.ok()?.to_bytes();
-        Some((status, headers, body))
-    };
-    tokio::time::timeout(Duration::from_secs(60), attempt)
-        .await
-        .ok()
-        .flatten()
+    common::try_post(url, id, body, Duration::from_secs(60)).await
 }
 
 fn status_of(body: &[u8]) -> String {

@@ -19,15 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
-use http::Request;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 
 fn knob(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -38,35 +34,8 @@ fn knob(name: &str, default: u64) -> u64 {
 
 /// One signed POST; `None` when no answer came (refused, reset, 30 s).
 async fn post(url: &str, id: &str, body: &[u8]) -> Option<u16> {
-    let headers = signed_headers(SECRET, id, now_secs(), body);
-    let body = Bytes::copy_from_slice(body);
-    let attempt = async {
-        let uri: http::Uri = url.parse().ok()?;
-        let authority = uri.authority()?.clone();
-        let stream = TcpStream::connect(authority.as_str()).await.ok()?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(conn);
-        let mut builder = Request::builder()
-            .method("POST")
-            .uri(uri.path())
-            .header("host", authority.as_str());
-        for (k, v) in &headers {
-            builder = builder.header(k.as_str(), v.as_str());
-        }
-        let response = sender
-            .send_request(builder.body(Full::new(body)).ok()?)
-            .await
-            .ok()?;
-        let status = response.status().as_u16();
-        response.into_body().collect().await.ok()?;
-        Some(status)
-    };
-    tokio::time::timeout(Duration::from_secs(30), attempt)
-        .await
-        .ok()
-        .flatten()
+    let (status, _, _) = common::try_post(url, id, body, Duration::from_secs(30)).await?;
+    Some(status)
 }
 
 /// One rejected request from 127.0.0.2 on a fresh connection: `true` when

@@ -76,6 +76,39 @@ pub async fn request(method: &str, url: &str, headers: &[(String, String)], body
     (status, headers, body)
 }
 
+/// One signed POST on a fresh HTTP/1.1 connection that never panics: `None`
+/// when the connection failed (refused, reset, closed without an answer) or
+/// no answer came `within`. For tests that cut, stall or kill the relay.
+pub async fn try_post(url: &str, id: &str, body: &[u8], within: Duration) -> Option<Answer> {
+    let headers = signed_headers(SECRET, id, now_secs(), body);
+    let body = Bytes::copy_from_slice(body);
+    let attempt = async {
+        let uri: http::Uri = url.parse().ok()?;
+        let authority = uri.authority()?.clone();
+        let stream = TcpStream::connect(authority.as_str()).await.ok()?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        let mut builder = Request::builder()
+            .method("POST")
+            .uri(uri.path())
+            .header("host", authority.as_str());
+        for (k, v) in &headers {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        let response = sender
+            .send_request(builder.body(Full::new(body)).ok()?)
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        Some((status, headers, body))
+    };
+    tokio::time::timeout(within, attempt).await.ok().flatten()
+}
+
 /// A signed POST of `body` to the relay.
 pub async fn post_signed(relay: &TestRelay, id: &str, body: &[u8]) -> Answer {
     let headers = signed_headers(SECRET, id, now_secs(), body);
