@@ -49,8 +49,8 @@ impl Relay {
         let spool = Spool::open(config.spool.clone(), metrics.clone())?;
         let broker = Broker::new(config.broker.clone(), metrics.clone());
         let dedup = Dedup::new(&config.dedup);
-        for id in spool.ids().await? {
-            dedup.remember(&id);
+        for (source, id) in spool.ids().await? {
+            dedup.remember(&crate::dedup::key(&source, &id));
         }
         let public = TcpListener::bind(config.listen)
             .await

@@ -206,7 +206,7 @@ impl Broker {
             ),
             (
                 "x-relay-original-exchange",
-                AMQPValue::LongString(self.config.exchange.as_str().into()),
+                AMQPValue::LongString(self.exchange_of(envelope).into()),
             ),
             (
                 "x-relay-original-routing-key",
@@ -219,6 +219,14 @@ impl Broker {
         self.try_publish(exchange, envelope, props, Some(0)).await
     }
 
+    /// Where an event goes: its source's own exchange, else `--exchange`.
+    fn exchange_of<'a>(&'a self, envelope: &'a Envelope) -> &'a str {
+        envelope
+            .exchange
+            .as_deref()
+            .unwrap_or(self.config.exchange.as_str())
+    }
+
     async fn publish_on(
         &self,
         envelope: &Envelope,
@@ -226,7 +234,7 @@ impl Broker {
     ) -> Result<(), PublishError> {
         let result = self
             .try_publish(
-                &self.config.exchange,
+                self.exchange_of(envelope),
                 envelope,
                 properties(envelope),
                 channel,
@@ -592,6 +600,7 @@ pub fn properties(envelope: &Envelope) -> BasicProperties {
     if let Some(ts) = &envelope.ocrolus_timestamp {
         put("x-ocrolus-timestamp", ts);
     }
+    put("x-ocrolus-source", &envelope.source);
     put("x-relay-client-ip", &envelope.client_ip);
     put(
         "x-relay-received-at",
@@ -671,6 +680,8 @@ mod tests {
             client_ip: "18.205.30.63".into(),
             received_at_ms: 1_767_225_600_500,
             body: bytes::Bytes::from_static(b"{}"),
+            source: "sandbox".into(),
+            exchange: None,
         };
         let p = properties(&env);
         assert_eq!(p.delivery_mode(), &Some(2));
@@ -686,5 +697,9 @@ mod tests {
         let headers = p.headers().as_ref().expect("headers");
         assert!(headers.inner().contains_key("x-ocrolus-event"));
         assert!(headers.inner().contains_key("x-relay-received-at"));
+        assert_eq!(
+            headers.inner().get("x-ocrolus-source"),
+            Some(&AMQPValue::LongString("sandbox".into()))
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
@@ -12,7 +13,7 @@ use clap::{Args, ValueEnum};
 use crate::auth::{AuthPolicy, BasicCredentials, Secrets};
 use crate::client::NetPolicy;
 use crate::config_error::ConfigError;
-use crate::event::EventTable;
+use crate::event::{Destination, EventTable};
 use crate::nodes::Nodes;
 use crate::units::{parse_duration, parse_size, parse_size_usize};
 
@@ -276,6 +277,8 @@ pub struct WebhookSource {
     pub basic_auth_file: Option<PathBuf>,
     /// Put before every routing key (`sandbox` → `sandbox.book.verified`).
     pub routing_key_prefix: Option<String>,
+    /// Its own topic exchange instead of `--exchange`.
+    pub exchange: Option<String>,
 }
 
 /// One source's reloadable part: the credentials its deliveries must carry.
@@ -285,6 +288,8 @@ pub struct SourcePolicy {
     pub path: String,
     pub auth: AuthPolicy,
     pub routing_key_prefix: Option<String>,
+    /// Its name and exchange, as every one of its envelopes carries them.
+    pub destination: Destination,
 }
 
 /// The part of the configuration that SIGHUP swaps atomically.
@@ -356,6 +361,10 @@ impl Sources {
             path: source.path.clone(),
             auth,
             routing_key_prefix: source.routing_key_prefix.clone(),
+            destination: Destination {
+                source: Arc::from(source.name.as_str()),
+                exchange: source.exchange.as_deref().map(Arc::from),
+            },
         })
     }
 }
@@ -632,6 +641,7 @@ fn webhook_sources(
             secrets_env,
             basic_auth_file: args.basic_auth_file.clone(),
             routing_key_prefix: None,
+            exchange: None,
         }]);
     };
     if args.secret_file.is_some()
@@ -705,6 +715,7 @@ fn webhook_sources(
             secrets_env: None,
             basic_auth_file: entry.basic_auth_file,
             routing_key_prefix,
+            exchange: None,
         });
     }
     Ok(sources)

@@ -12,13 +12,25 @@
 //! but a conflict, delivered as its own message, so that whoever can send
 //! ids cannot claim one in advance and suppress the real delivery.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::config::DedupConfig;
+use crate::config::{DEFAULT_SOURCE, DedupConfig};
+
+/// The key of a delivery id, which is unique per source only. The
+/// `default` source keeps the bare id (no allocation in the single-source
+/// case); a source name never contains the separator.
+pub fn key<'a>(source: &str, id: &'a str) -> Cow<'a, str> {
+    if source == DEFAULT_SOURCE {
+        Cow::Borrowed(id)
+    } else {
+        Cow::Owned(format!("{source}\u{1f}{id}"))
+    }
+}
 
 enum Entry {
     /// Being delivered; the sender reports whether it became safe.

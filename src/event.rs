@@ -8,9 +8,10 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::auth::{Delivery, Verified};
 use crate::client::ClientIp;
@@ -311,8 +312,9 @@ pub struct Event {
 }
 
 /// One outgoing message: exactly what is published, and what the spool keeps
-/// when publishing fails.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// when publishing fails (its on-disk layout is frozen apart, in
+/// `outbox/spool/record.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     pub id: String,
     pub routing_key: String,
@@ -322,6 +324,12 @@ pub struct Envelope {
     /// Unix milliseconds.
     pub received_at_ms: i64,
     pub body: Bytes,
+    /// The configured source whose path the delivery came to
+    /// (`x-ocrolus-source`).
+    pub source: Arc<str>,
+    /// The source's own exchange; `None` is the relay's `--exchange`. Kept
+    /// with the event, so that a spooled event drains to where it was bound.
+    pub exchange: Option<Arc<str>>,
 }
 
 impl Envelope {
@@ -330,6 +338,7 @@ impl Envelope {
         event: Event,
         client: ClientIp,
         received_at_ms: i64,
+        destination: Destination,
     ) -> Self {
         let delivery = delivery.into_inner();
         Self {
@@ -340,6 +349,8 @@ impl Envelope {
             client_ip: client.to_string(),
             received_at_ms,
             body: delivery.body,
+            source: destination.source,
+            exchange: destination.exchange,
         }
     }
 
@@ -359,6 +370,14 @@ impl Envelope {
     pub fn dedup_conflict_of(&self) -> Option<&str> {
         self.id.split_once(CONFLICT_MARK).map(|(id, _)| id)
     }
+}
+
+/// Where a source's events go: its name (the `x-ocrolus-source` header)
+/// and its own exchange, if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub source: Arc<str>,
+    pub exchange: Option<Arc<str>>,
 }
 
 /// Separates the original id from the digest in a conflict's message id.

@@ -18,8 +18,8 @@ use tracing::info;
 
 use crate::auth::{DeliveryId, REQUEST_ID_HEADER};
 use crate::client::ClientIp;
-use crate::config::{DEFAULT_SOURCE, Policy, SourcePolicy};
-use crate::dedup::Claim;
+use crate::config::{Policy, SourcePolicy};
+use crate::dedup::{self, Claim};
 use crate::event::Envelope;
 use crate::limits::{self, InFlight};
 use crate::log_throttle::LogThrottle;
@@ -267,16 +267,17 @@ async fn deliver(
     // An id no signature covers is trusted only together with its body.
     let digest: Option<[u8; 32]> =
         (!verified.get().id_signed).then(|| Sha256::digest(&verified.get().body).into());
-    let mut envelope = Envelope::new(verified, event, client, received_at_ms);
+    let mut envelope = Envelope::new(
+        verified,
+        event,
+        client,
+        received_at_ms,
+        source.destination.clone(),
+    );
 
     // 10. De-duplicate: a twin in flight waits for this one's outcome. Ids
-    // are per source; the default source keeps the bare id, which is also
-    // what the spool remembers across restarts.
-    let key = if source.name == DEFAULT_SOURCE {
-        envelope.id.clone()
-    } else {
-        format!("{}\u{1f}{}", source.name, envelope.id)
-    };
+    // are per source.
+    let key = dedup::key(&source.name, &envelope.id);
     let claim = match state.dedup.claim(&key, digest.as_ref()).await {
         Claim::Duplicate => {
             state

@@ -67,6 +67,7 @@ async fn every_known_event_is_published_once_with_exact_bytes() {
         assert!(p.timestamp().is_some());
         assert_eq!(header(m, "x-ocrolus-event").as_deref(), Some(name.as_str()));
         assert_eq!(header(m, "x-relay-client-ip").as_deref(), Some("127.0.0.1"));
+        assert_eq!(header(m, "x-ocrolus-source").as_deref(), Some("default"));
         assert!(header(m, "x-ocrolus-timestamp").is_some());
         assert!(header(m, "x-relay-received-at").is_some_and(|t| t.ends_with('Z')));
     }

@@ -62,6 +62,8 @@ async fn publish_one(channel: &Channel, exchange: &str, routing_key: &str, d: &S
         client_ip: "127.0.0.1".to_owned(),
         received_at_ms: ocrolus_relay::now_ms(),
         body: d.body.clone(),
+        source: "default".into(),
+        exchange: None,
     };
     let confirm = channel
         .basic_publish(

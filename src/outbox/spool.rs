@@ -236,8 +236,9 @@ impl Spool {
         result
     }
 
-    /// Delivery ids currently spooled (for de-duplication after a restart).
-    pub async fn ids(&self) -> Result<Vec<String>, SpoolError> {
+    /// Delivery ids currently spooled, each as `(source, id)` (for
+    /// de-duplication after a restart).
+    pub async fn ids(&self) -> Result<Vec<(String, String)>, SpoolError> {
         self.submit(Op::Ids).await
     }
 

@@ -46,8 +46,8 @@ pub(super) enum Op {
     },
     /// The oldest `n` quarantined records.
     ReadQuarantine(usize, Reply<Vec<Quarantined>>),
-    /// Every spooled delivery id, decoded without the bodies.
-    Ids(Reply<Vec<String>>),
+    /// Every spooled delivery id with its source, decoded without the bodies.
+    Ids(Reply<Vec<(String, String)>>),
     /// Close the database and stop: later operations fail with `Closed`.
     Close(Reply<()>),
 }
@@ -224,14 +224,14 @@ fn read_quarantine(db: &Database, limit: usize) -> Result<Vec<Quarantined>, redb
     Ok(out)
 }
 
-fn read_ids(db: &Database) -> Result<Vec<String>, redb::Error> {
+fn read_ids(db: &Database) -> Result<Vec<(String, String)>, redb::Error> {
     let txn = db.begin_read()?;
     let table = txn.open_table(RECORDS)?;
     let mut ids = Vec::new();
     for row in table.iter()? {
         let (_, value) = row?;
         if let Some(head) = RecordHead::decode(value.value()) {
-            ids.push(head.id);
+            ids.push((head.source, head.id));
         }
     }
     Ok(ids)

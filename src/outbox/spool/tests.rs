@@ -23,7 +23,42 @@ fn envelope(i: u32) -> Envelope {
         body: bytes::Bytes::from(format!(
             "{{ \"event_name\" : \"book.verified\", \"n\": {i} }}"
         )),
+        source: "sandbox".into(),
+        exchange: Some("sandbox.events".into()),
     }
+}
+
+/// What an event written before sources existed reads as: the `default`
+/// source, bound for `--exchange`.
+fn before_sources(mut envelope: Envelope) -> Envelope {
+    envelope.source = "default".into();
+    envelope.exchange = None;
+    envelope
+}
+
+/// The payload of formats 1 and 2 (no source, no exchange), as older
+/// relays wrote it.
+fn legacy_payload(e: &Envelope) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Legacy<'a> {
+        id: &'a str,
+        routing_key: &'a str,
+        event_name: &'a str,
+        ocrolus_timestamp: Option<&'a str>,
+        client_ip: &'a str,
+        received_at_ms: i64,
+        body: &'a bytes::Bytes,
+    }
+    postcard::to_stdvec(&Legacy {
+        id: &e.id,
+        routing_key: &e.routing_key,
+        event_name: &e.event_name,
+        ocrolus_timestamp: e.ocrolus_timestamp.as_deref(),
+        client_ip: &e.client_ip,
+        received_at_ms: e.received_at_ms,
+        body: &e.body,
+    })
+    .expect("encode")
 }
 
 #[tokio::test]
@@ -139,6 +174,13 @@ async fn ids_are_read_without_decoding_bodies() {
     let head = RecordHead::decode(&record).expect("decode head");
     assert_eq!(head.id, "id-7");
     assert_eq!(head.received_at_ms, envelope(7).received_at_ms);
+    assert_eq!(head.source, "sandbox");
+    let v2 = [&[2u8][..], &legacy_payload(&envelope(8))].concat();
+    let head = RecordHead::decode(&v2).expect("decode format-2 head");
+    assert_eq!(
+        (head.id.as_str(), head.source.as_str()),
+        ("id-8", "default")
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let spool =
@@ -146,7 +188,11 @@ async fn ids_are_read_without_decoding_bodies() {
     for i in 0..3 {
         spool.append(&envelope(i)).await.expect("append");
     }
-    assert_eq!(spool.ids().await.expect("ids"), ["id-0", "id-1", "id-2"]);
+    let ids = spool.ids().await.expect("ids");
+    let want: Vec<(String, String)> = (0..3)
+        .map(|i| ("sandbox".to_owned(), format!("id-{i}")))
+        .collect();
+    assert_eq!(ids, want);
 }
 
 /// Writes raw values into `table` of the spool file in `dir`, as a small
@@ -235,7 +281,7 @@ async fn unreadable_records_are_quarantined_with_their_bytes() {
 #[tokio::test]
 async fn format_1_spool_is_converted_at_open() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let legacy = |i: u32| postcard::to_stdvec(&envelope(i)).expect("encode");
+    let legacy = |i: u32| legacy_payload(&envelope(i));
     write_raw(
         dir.path(),
         EVENTS_V1,
@@ -246,10 +292,23 @@ async fn format_1_spool_is_converted_at_open() {
     assert_eq!((s.messages, s.quarantined), (2, 1), "{s:?}");
     assert_eq!(s.oldest_ms, Some(envelope(0).received_at_ms));
     let read = spool.peek(10).await.expect("peek");
-    assert_eq!(read, [(10, envelope(0)), (12, envelope(2))]);
+    assert_eq!(
+        read,
+        [
+            (10, before_sources(envelope(0))),
+            (12, before_sources(envelope(2)))
+        ]
+    );
     let q = spool.quarantined(10).await.expect("quarantine");
     assert_eq!((q[0].seq, q[0].record.clone()), (11, vec![0xff; 3]));
-    assert_eq!(spool.ids().await.expect("ids"), ["id-0", "id-2"]);
+    let ids = spool.ids().await.expect("ids");
+    assert_eq!(
+        ids,
+        [
+            ("default".to_owned(), "id-0".to_owned()),
+            ("default".to_owned(), "id-2".to_owned())
+        ]
+    );
     spool.close().await;
     // Nothing is left in the old table for an older relay to misread.
     let db = redb::Database::create(dir.path().join("spool.redb")).expect("open");
@@ -362,8 +421,8 @@ async fn a_cancelled_append_whose_commit_fails_gives_its_room_back() {
     assert!(spool.has_room());
 }
 
-/// The format-2 layout is pinned byte for byte: a change to `Envelope`
-/// must not change what is written (or how old records read) unnoticed.
+/// The format-2 layout is pinned byte for byte, and still reads (as the
+/// `default` source, bound for `--exchange`) after format 3 came.
 #[test]
 fn format_2_layout_is_pinned() {
     let e = Envelope {
@@ -374,11 +433,45 @@ fn format_2_layout_is_pinned() {
         client_ip: "d".into(),
         received_at_ms: 5,
         body: bytes::Bytes::from_static(b"{}"),
+        source: "default".into(),
+        exchange: None,
     };
     let golden = [2, 1, b'a', 1, b'b', 1, b'c', 0, 1, b'd', 10, 2, b'{', b'}'];
-    assert_eq!(record::encode(&e).expect("encode"), golden);
+    assert_eq!([&[2u8][..], &legacy_payload(&e)].concat(), golden);
     assert_eq!(record::decode(&golden).expect("decode"), e);
     assert_eq!(record::decode_v1(&golden[1..]).expect("format 1"), e);
+    assert!(
+        record::decode(&[&golden[..], &[0]].concat()).is_err(),
+        "trailing byte"
+    );
+}
+
+/// The format-3 layout is pinned byte for byte: a change to `Envelope`
+/// must not change what is written (or how old records read) unnoticed.
+#[test]
+fn format_3_layout_is_pinned() {
+    let mut e = Envelope {
+        id: "a".into(),
+        routing_key: "b".into(),
+        event_name: "c".into(),
+        ocrolus_timestamp: None,
+        client_ip: "d".into(),
+        received_at_ms: 5,
+        body: bytes::Bytes::from_static(b"{}"),
+        source: "s".into(),
+        exchange: Some("x".into()),
+    };
+    let golden = [
+        3, 1, b'a', 1, b'b', 1, b'c', 0, 1, b'd', 10, 1, b's', 1, 1, b'x', 2, b'{', b'}',
+    ];
+    assert_eq!(record::encode(&e).expect("encode"), golden);
+    assert_eq!(record::decode(&golden).expect("decode"), e);
+    e.exchange = None;
+    let golden = [
+        3, 1, b'a', 1, b'b', 1, b'c', 0, 1, b'd', 10, 1, b's', 0, 2, b'{', b'}',
+    ];
+    assert_eq!(record::encode(&e).expect("encode"), golden);
+    assert_eq!(record::decode(&golden).expect("decode"), e);
     assert!(
         record::decode(&[&golden[..], &[0]].concat()).is_err(),
         "trailing byte"
