@@ -48,6 +48,11 @@ impl Secrets {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let origin = format!("secret file {}", path.display());
         let text = read_protected(path, &origin)?;
+        if text.trim().is_empty() {
+            return Err(ConfigError::new(format!(
+                "{origin} is empty; write the webhook secret into it (one per line), or remove --secret-file"
+            )));
+        }
         let secrets = Self::parse(&text, &origin, '\n')?;
         if secrets.is_empty() {
             return Err(ConfigError::new(format!(
@@ -202,7 +207,9 @@ impl BasicCredentials {
             }
         }
         if digests.is_empty() {
-            return Err(ConfigError::new("no credentials"));
+            return Err(ConfigError::new(
+                "holds no credentials; write one `user:password` per line, or remove --basic-auth-file",
+            ));
         }
         Ok(Self(digests))
     }

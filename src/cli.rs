@@ -1,6 +1,9 @@
 //! The command line: `serve`, `check-config`, `send-test`, `tail`, `spool`,
 //! `ocrolus`, `healthcheck`, `completions`, `man`.
-//! Configuration errors print one precise line and exit 64 (EX_USAGE).
+//! A failed command prints one line (a JSON log line under `--log-format
+//! json`) and exits 64 (EX_USAGE) when the configuration is wrong, so that a
+//! supervisor stops restarting (systemd `RestartPreventExitStatus=64`), or 1
+//! for any other failure, which a restart may cure.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -54,15 +57,15 @@ const EX_USAGE: u8 = 64;
 pub enum ParseError {
     /// Bad flags, or `--help` / `--version` (clap prints and exits).
     Clap(clap::Error),
-    /// The `--config` file is unreadable or invalid.
-    Config(ConfigError),
+    /// The `--config` file is unreadable or invalid; printed in this format.
+    Config(ConfigError, LogFormat),
 }
 
 impl ParseError {
     pub fn exit(self) -> ExitCode {
         match self {
             Self::Clap(e) => e.exit(),
-            Self::Config(e) => usage(e),
+            Self::Config(e, format) => fail(format, &e, ExitCode::from(EX_USAGE)),
         }
     }
 }
@@ -71,11 +74,30 @@ impl std::fmt::Display for ParseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Clap(e) => write!(f, "{e}"),
-            Self::Config(e) => write!(f, "{e}"),
+            Self::Config(e, _) => write!(f, "{e}"),
         }
     }
 }
 
+/// The log format asked for on the command line or in `RELAY_LOG_FORMAT`,
+/// for an error met before the flags could be parsed.
+fn requested_log_format(argv: &[OsString]) -> LogFormat {
+    let mut args = argv.iter().filter_map(|a| a.to_str());
+    let mut flag = None;
+    while let Some(arg) = args.next() {
+        if arg == "--log-format" {
+            flag = args.next().map(str::to_owned);
+        } else if let Some(value) = arg.strip_prefix("--log-format=") {
+            flag = Some(value.to_owned());
+        }
+    }
+    let chosen = flag.or_else(|| std::env::var("RELAY_LOG_FORMAT").ok());
+    if chosen.as_deref() == Some("json") {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    }
+}
 /// Parses `argv`. For `serve` and `check-config` a `--config` file (or
 /// `RELAY_CONFIG`, passed in so tests never touch the environment)
 /// supplies the flags' defaults: flags and environment still win.
@@ -87,7 +109,8 @@ where
     let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
     let mut command = Cli::command();
     if let Some(path) = find_config_arg(&argv, config_env) {
-        let file = ConfigFile::load(&path).map_err(ParseError::Config)?;
+        let format = requested_log_format(&argv);
+        let file = ConfigFile::load(&path).map_err(|e| ParseError::Config(e, format))?;
         let name = argv
             .get(1)
             .and_then(|s| s.to_str())
@@ -95,10 +118,10 @@ where
             .to_owned();
         if let Some(sub) = command.find_subcommand(&name).cloned() {
             let applied = file.apply(sub).map_err(|e| {
-                ParseError::Config(ConfigError::new(format!(
-                    "config file {}: {e}",
-                    path.display()
-                )))
+                ParseError::Config(
+                    ConfigError::new(format!("config file {}: {e}", path.display())),
+                    format,
+                )
             })?;
             command = command.mut_subcommand(&name, |_| applied);
         }
@@ -124,46 +147,78 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Man { out_dir } => return man(out_dir.as_deref()),
         _ => {}
     }
-    let log_format = match &cli.command {
-        Command::Serve(args) => args.log_format,
-        _ => LogFormat::Text,
+    let (log_format, one_shot) = match &cli.command {
+        Command::Serve(args) => (args.log_format, false),
+        Command::CheckConfig(args) => (args.log_format, true),
+        _ => (LogFormat::Text, true),
     };
-    init_logging(log_format);
+    init_logging(log_format, one_shot);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return fail(
+                log_format,
+                &format!("cannot start the async runtime: {e}"),
+                ExitCode::FAILURE,
+            );
         }
     };
     let secrets_env = std::env::var("RELAY_WEBHOOK_SECRETS").ok();
-    let result = runtime.block_on(async move {
+    let result: anyhow::Result<()> = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => {
-                let config = Config::from_args(&args, secrets_env).map_err(usage)?;
-                cmd::serve::run(config).await.map_err(runtime_error)
+                let config = Config::from_args(&args, secrets_env)?;
+                cmd::serve::run(config).await
             }
             Command::CheckConfig(args) => {
-                let config = Config::from_args(&args, secrets_env).map_err(usage)?;
-                cmd::check_config::run(&config).map_err(usage)
+                let config = Config::from_args(&args, secrets_env)?;
+                Ok(cmd::check_config::run(&config)?)
             }
-            Command::SendTest(args) => cmd::send_test::run(args, secrets_env)
-                .await
-                .map_err(runtime_error),
-            Command::Tail(args) => cmd::tail::run(args).await.map_err(runtime_error),
-            Command::Spool(args) => cmd::spool::run(args).await.map_err(runtime_error),
-            Command::Ocrolus(args) => cmd::ocrolus::run(args).await.map_err(runtime_error),
-            Command::Healthcheck(args) => cmd::healthcheck::run(args).await.map_err(runtime_error),
+            Command::SendTest(args) => cmd::send_test::run(args, secrets_env).await,
+            Command::Tail(args) => cmd::tail::run(args).await,
+            Command::Spool(args) => cmd::spool::run(args).await,
+            Command::Ocrolus(args) => cmd::ocrolus::run(args).await,
+            Command::Healthcheck(args) => cmd::healthcheck::run(args).await,
             Command::Completions { .. } | Command::Man { .. } => Ok(()),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(code) => code,
+        Err(e) => fail(log_format, &format!("{e:#}"), exit_code(&e)),
     }
+}
+
+/// The one place a failure becomes an exit code: a [`ConfigError`]
+/// anywhere in the chain (flags, files, certificates, credentials, found
+/// while parsing or while `serve` starts) is 64, anything else 1.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if e.chain().any(<dyn std::error::Error>::is::<ConfigError>) {
+        ExitCode::from(EX_USAGE)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Prints the one line of a failed command: `error: …`, or under `--log-format
+/// json` a log line shaped like the others (`timestamp`, `level`, `message`,
+/// `target`). Written directly, so that no `RUST_LOG` filter can hide it.
+fn fail(format: LogFormat, message: &dyn std::fmt::Display, code: ExitCode) -> ExitCode {
+    match format {
+        LogFormat::Text => eprintln!("error: {message}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            serde_json::json!({
+                "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+                "level": "ERROR",
+                "message": message.to_string(),
+                "target": "ocrolus_relay",
+            })
+        ),
+    }
+    code
 }
 
 fn man(out_dir: Option<&std::path::Path>) -> ExitCode {
@@ -183,19 +238,16 @@ fn man(out_dir: Option<&std::path::Path>) -> ExitCode {
     }
 }
 
-fn usage(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {e}");
-    ExitCode::from(EX_USAGE)
-}
-
-fn runtime_error(e: anyhow::Error) -> ExitCode {
-    eprintln!("error: {e:#}");
-    ExitCode::FAILURE
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,amq_protocol=warn"));
+/// `one_shot`: a command that reports its own failure in its one error line;
+/// lapin's log lines would only say the same thing again, so they are off
+/// unless `RUST_LOG` asks for them.
+fn init_logging(format: LogFormat, one_shot: bool) {
+    let default = if one_shot {
+        "info,lapin=off,amq_protocol=off"
+    } else {
+        "info,lapin=warn,amq_protocol=warn"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // Colours only on a terminal: in a log file the escape codes cost a
     // third of every access-log line and its formatting time.
     let builder = tracing_subscriber::fmt()

@@ -162,13 +162,26 @@ fn parse_nets(field: &str, entries: &[Spanned<String>]) -> Result<Vec<IpNet>, Co
     entries
         .iter()
         .map(|entry| {
-            parse_net(entry.value.trim()).ok_or_else(|| {
+            let line = entry.referenced.line();
+            let net = parse_net(entry.value.trim()).ok_or_else(|| {
                 ConfigError::new(format!(
-                    "line {}: `{field}` entry {:?} is not an IP address or CIDR",
-                    entry.referenced.line(),
+                    "line {line}: `{field}` entry {:?} is not an IP address or CIDR",
                     entry.value
                 ))
-            })
+            })?;
+            // `10.0.0.1/8` means 10.0.0.0/8 to the parser; whoever wrote it
+            // most likely meant one host (/32) or mistyped the prefix. Refuse
+            // rather than silently open (or close) a whole range.
+            if net.addr() != net.network() {
+                return Err(ConfigError::new(format!(
+                    "line {line}: `{field}` entry {:?} has host bits set; write {} for the \
+                     whole range or {} for the one address",
+                    entry.value,
+                    net.trunc(),
+                    IpNet::from(net.addr())
+                )));
+            }
+            Ok(net)
         })
         .collect()
 }

@@ -337,6 +337,15 @@ impl Sources {
             None => Secrets::default(),
         };
         if let Some(list) = &source.secrets_env {
+            let nothing_else = secrets.is_empty()
+                && source.basic_auth_file.is_none()
+                && !self.dev
+                && !self.insecure_no_auth;
+            if list.trim().is_empty() && nothing_else {
+                return Err(ConfigError::new(
+                    "RELAY_WEBHOOK_SECRETS is set but empty; put the webhook secret in it, or unset it and pass --secret-file",
+                ));
+            }
             let from_env = Secrets::parse(list, "RELAY_WEBHOOK_SECRETS", ',')?;
             if from_env.is_empty() && !list.trim().is_empty() {
                 return Err(ConfigError::new("RELAY_WEBHOOK_SECRETS holds no secret"));

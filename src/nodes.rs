@@ -275,14 +275,29 @@ fn check_identity(
 
 /// Sorts a lapin connect error: the broker refusing us (TLS, credentials)
 /// is an operator's problem; anything else is an outage to wait out.
+/// A refusal says what the broker said and what to change.
 fn classify(e: lapin::Error) -> ConnectFailure {
     let text = e.to_string();
     match e.kind() {
-        ErrorKind::ProtocolError(amqp) if amqp.get_id() == 403 || amqp.get_id() == 530 => {
-            ConnectFailure::Rejected(text)
+        ErrorKind::ProtocolError(amqp) if amqp.get_id() == 403 => {
+            ConnectFailure::Rejected(format!(
+                "{}; check the user and password in --amqp-url (RELAY_AMQP_URL), and that the user \
+             may connect from this host (RabbitMQ's guest only from localhost)",
+                amqp.get_message()
+            ))
+        }
+        ErrorKind::ProtocolError(amqp) if amqp.get_id() == 530 => {
+            ConnectFailure::Rejected(format!(
+                "{}; check the virtual host in --amqp-url (the path: %2f for /) and the user's \
+             permissions on it",
+                amqp.get_message()
+            ))
         }
         ErrorKind::AuthProviderError(_) => ConnectFailure::Rejected(text),
-        ErrorKind::IOError(io) if is_tls(io) => ConnectFailure::Rejected(text),
+        ErrorKind::IOError(io) if is_tls(io) => ConnectFailure::Rejected(format!(
+            "{text}; check that --amqp-ca-file signs the broker's certificate and that the \
+             broker trusts --amqp-client-cert"
+        )),
         _ => ConnectFailure::Unreachable(text),
     }
 }

@@ -40,14 +40,35 @@ impl Tls {
         let (subject, not_after) = describe(&chain[0]).map_err(|e| {
             ConfigError::new(format!("TLS certificate {}: {e}", paths.cert.display()))
         })?;
+        if let Some(ca) = is_ca(&chain[0]) {
+            return Err(ConfigError::new(format!(
+                "TLS certificate {}: the first certificate ({ca}) is a CA certificate \
+                 (basicConstraints CA:TRUE); clients refuse it as a server certificate \
+                 (CaUsedAsEndEntity). Put the server's own certificate first, followed by \
+                 its intermediates",
+                paths.cert.display()
+            )));
+        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| ConfigError::new(format!("TLS: {e}")))?
             .with_no_client_auth()
             .with_single_cert(chain, key)
-            .map_err(|e| {
-                ConfigError::new(format!("TLS certificate/key {}: {e}", paths.cert.display()))
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                    ConfigError::new(format!(
+                        "TLS key {} does not belong to the certificate {} (their public keys \
+                     differ); point --tls-key at the key the certificate was issued for",
+                        paths.key.display(),
+                        paths.cert.display()
+                    ))
+                }
+                e => ConfigError::new(format!(
+                    "TLS certificate {} / key {}: {e}",
+                    paths.cert.display(),
+                    paths.key.display()
+                )),
             })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {
@@ -70,6 +91,14 @@ fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> 
         )));
     }
     Ok(chain)
+}
+
+/// The subject of `cert` if its basicConstraints say CA:TRUE: rustls
+/// accepts such a chain, but every client fails the handshake on it.
+fn is_ca(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let constraints = parsed.basic_constraints().ok()??;
+    constraints.value.ca.then(|| parsed.subject().to_string())
 }
 
 fn describe(cert: &CertificateDer<'_>) -> Result<(String, i64), String> {

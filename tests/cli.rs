@@ -4,6 +4,7 @@
 mod common;
 
 use std::process::Output;
+use std::time::Duration;
 
 use common::*;
 
@@ -234,4 +235,286 @@ async fn env_names_match_flags_and_former_names_still_work() {
         let bad = check_config_dev(&["--dev"], &[(var, "no-equals-sign")]).await;
         assert_eq!(bad.status.code(), Some(64), "{var} not read");
     }
+}
+
+/// Files for the configuration-error cases, in one directory.
+struct BadConfigs {
+    dir: tempfile::TempDir,
+}
+
+impl BadConfigs {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod");
+        };
+        write("allow.yaml", "allow: [127.0.0.1/32]\n");
+        write("hostbits.yaml", "allow:\n  - 10.0.0.1/8\n");
+        write(
+            "proxy-hostbits.yaml",
+            "allow: [10.0.0.0/8]\ntrusted_proxies:\n  - 192.168.1.1/24\n",
+        );
+        write("secret", "a-long-enough-webhook-secret-0123456789\n");
+        write("empty-secret", "");
+        let leaf = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("leaf");
+        let other = rcgen::KeyPair::generate().expect("key");
+        write("leaf.pem", &leaf.cert.pem());
+        write("other-key.pem", &other.serialize_pem());
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("ca");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Test CA");
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let ca = params.self_signed(&ca_key).expect("self-signed ca");
+        write("ca.pem", &ca.pem());
+        write("ca-key.pem", &ca_key.serialize_pem());
+        Self { dir }
+    }
+
+    /// `command` with `args`, run in the directory (file names are
+    /// relative, as the operator sees them), ephemeral ports, no broker.
+    async fn run(&self, command: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.arg(command)
+            .args(args)
+            .args([
+                "--spool-dir",
+                "spool",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--amqp-url",
+                "amqp://guest:guest@127.0.0.1:1/%2f",
+            ])
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        tokio::time::timeout(Duration::from_secs(30), cmd.output())
+            .await
+            .expect("a configuration error ends the process at once")
+            .expect("run")
+    }
+}
+
+/// Environment variables for one run.
+type Env = Vec<(&'static str, &'static str)>;
+
+/// Every configuration error: `serve` and `check-config` exit 64 and print
+/// exactly one line, naming the root cause and what to do.
+#[tokio::test]
+async fn every_configuration_error_exits_64_with_one_line_saying_what_to_do() {
+    let files = BadConfigs::new();
+    let tls = |cert: &'static str, key: &'static str| {
+        vec![
+            "--allowlist",
+            "allow.yaml",
+            "--secret-file",
+            "secret",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ]
+    };
+    let plain = |allowlist: &'static str| {
+        vec![
+            "--allowlist",
+            allowlist,
+            "--secret-file",
+            "secret",
+            "--plaintext",
+        ]
+    };
+    let cases: Vec<(Vec<&str>, Env, &str)> = vec![
+        (
+            plain("hostbits.yaml"),
+            vec![],
+            "error: allowlist hostbits.yaml: line 2: `allow` entry \"10.0.0.1/8\" has host bits set; \
+             write 10.0.0.0/8 for the whole range or 10.0.0.1/32 for the one address",
+        ),
+        (
+            plain("proxy-hostbits.yaml"),
+            vec![],
+            "error: allowlist proxy-hostbits.yaml: line 3: `trusted_proxies` entry \"192.168.1.1/24\" \
+             has host bits set; write 192.168.1.0/24 for the whole range or 192.168.1.1/32 for the \
+             one address",
+        ),
+        (
+            plain("missing.yaml"),
+            vec![],
+            "error: allowlist missing.yaml: No such file or directory (os error 2)",
+        ),
+        (
+            vec!["--allowlist", "allow.yaml", "--plaintext"],
+            vec![],
+            "error: no HMAC secret (--secret-file or RELAY_WEBHOOK_SECRETS) and no --basic-auth-file: \
+             refusing to accept unauthenticated webhooks (--insecure-no-auth exists for development)",
+        ),
+        (
+            vec![
+                "--allowlist",
+                "allow.yaml",
+                "--plaintext",
+                "--secret-file",
+                "empty-secret",
+            ],
+            vec![],
+            "error: secret file empty-secret is empty; write the webhook secret into it (one per \
+             line), or remove --secret-file",
+        ),
+        (
+            vec!["--allowlist", "allow.yaml", "--plaintext"],
+            vec![("RELAY_WEBHOOK_SECRETS", "")],
+            "error: RELAY_WEBHOOK_SECRETS is set but empty; put the webhook secret in it, or unset \
+             it and pass --secret-file",
+        ),
+        (
+            tls("leaf.pem", "other-key.pem"),
+            vec![],
+            "error: TLS key other-key.pem does not belong to the certificate leaf.pem (their public \
+             keys differ); point --tls-key at the key the certificate was issued for",
+        ),
+        (
+            tls("ca.pem", "ca-key.pem"),
+            vec![],
+            "error: TLS certificate ca.pem: the first certificate (CN=Test CA) is a CA certificate \
+             (basicConstraints CA:TRUE); clients refuse it as a server certificate \
+             (CaUsedAsEndEntity). Put the server's own certificate first, followed by its \
+             intermediates",
+        ),
+        (
+            vec!["--allowlist", "allow.yaml", "--secret-file", "secret"],
+            vec![],
+            "error: TLS needs --tls-cert and --tls-key; pass --plaintext to serve HTTP behind a \
+             TLS-terminating proxy (or --dev for a local trial)",
+        ),
+    ];
+    for command in ["serve", "check-config"] {
+        for (args, env, line) in &cases {
+            let out = files.run(command, args, env).await;
+            assert_eq!(
+                (out.status.code(), text(&out.stderr)),
+                (Some(64), format!("{line}\n")),
+                "{command} {args:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn with_json_logs_a_fatal_start_up_error_is_one_json_log_line() {
+    let files = BadConfigs::new();
+    let out = files
+        .run(
+            "serve",
+            &[
+                "--allowlist",
+                "hostbits.yaml",
+                "--secret-file",
+                "secret",
+                "--plaintext",
+                "--log-format",
+                "json",
+            ],
+            &[],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let line: serde_json::Value = serde_json::from_str(&stderr).expect("one JSON line");
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(
+        line["message"],
+        "allowlist hostbits.yaml: line 2: `allow` entry \"10.0.0.1/8\" has host bits set; write \
+         10.0.0.0/8 for the whole range or 10.0.0.1/32 for the one address",
+        "{line}"
+    );
+    assert!(line["timestamp"].is_string(), "{line}");
+    // A config file that cannot be read is reported the same way.
+    let out = files
+        .run(
+            "serve",
+            &["--config", "missing.yaml"],
+            &[("RELAY_LOG_FORMAT", "json")],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(64));
+    let line: serde_json::Value = serde_json::from_str(&text(&out.stderr)).expect("one JSON line");
+    assert_eq!(
+        line["message"],
+        "config file missing.yaml: No such file or directory (os error 2)"
+    );
+}
+
+#[tokio::test]
+async fn tail_says_once_why_the_broker_refused_it_and_what_to_do() {
+    require_broker!();
+    let refused = run(&[
+        "tail",
+        "--amqp-url",
+        "amqp://guest:wrong-password@127.0.0.1:5672/%2f",
+        "--max",
+        "1",
+    ])
+    .await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        text(&refused.stderr),
+        "error: connecting to the broker: no broker node answered: 127.0.0.1:5672: rejected (TLS or \
+         credentials): ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For \
+         details see the broker logfile.; check the user and password in --amqp-url \
+         (RELAY_AMQP_URL), and that the user may connect from this host (RabbitMQ's guest only \
+         from localhost)\n"
+    );
+    let exchange = unique("tail-missing");
+    let missing = run(&["tail", "--exchange", &exchange, "--max", "1"]).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        text(&missing.stderr),
+        format!(
+            "error: binding to exchange {exchange}: NOT_FOUND - no exchange '{exchange}' in vhost \
+             '/'; the relay declares it when it starts (unless --no-declare), or pass --exchange \
+             with the relay's exchange\n"
+        )
+    );
+}
+
+#[tokio::test]
+async fn send_test_prints_the_relays_refusal_and_what_to_check() {
+    require_broker!();
+    let relay = TestRelay::start(RelayOptions::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wrong = dir.path().join("wrong-secret");
+    std::fs::write(&wrong, "not-the-relays-secret-0123456789abcdef\n").expect("write");
+    let out = run(&[
+        "send-test",
+        "--secret-file",
+        &wrong.display().to_string(),
+        "--url",
+        &relay.url,
+        "--event",
+        "book.verified",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: relay answered 401 {\"error\":\"unauthorized\"}: the relay did not accept the \
+         signature or credentials; sign with a secret the relay has (--secret-file, \
+         RELAY_WEBHOOK_SECRETS, --basic-auth-file, or --dev against `serve --dev`). The relay's \
+         log line for this request gives the reason\n"
+    );
+    let broker = TestBroker::connect().await;
+    relay.finish(&broker, &[]).await;
 }

@@ -117,10 +117,14 @@ async fn hash_prefixed_secret_keeps_hmac_required_with_basic() {
 /// relay refuses to start and `check-config` exits 64, even with Basic.
 #[tokio::test]
 async fn secret_file_without_a_secret_is_a_config_error() {
-    for (what, text) in [
-        ("empty", ""),
-        ("blank lines", "\n  \n\n"),
-        ("comments only", "# REPLACE: one secret per line\n#\n"),
+    for (what, text, says) in [
+        ("empty", "", "is empty"),
+        ("blank lines", "\n  \n\n", "is empty"),
+        (
+            "comments only",
+            "# REPLACE: one secret per line\n#\n",
+            "holds no secret",
+        ),
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let secret_file = write(dir.path(), "secret", text, 0o600);
@@ -133,7 +137,7 @@ async fn secret_file_without_a_secret_is_a_config_error() {
         ];
         let (code, out, err) = check_config(dir.path(), extra.clone()).await;
         assert_eq!(code, 64, "{what}: stdout:\n{out}\nstderr:\n{err}");
-        assert!(err.contains("no secret"), "{what}: {err}");
+        assert!(err.contains(says), "{what}: {err}");
         assert!(!out.contains("configuration OK"), "{what}: {out}");
 
         let mut argv = vec!["ocrolus-relay".to_string(), "serve".to_string()];
@@ -158,7 +162,7 @@ async fn secret_file_without_a_secret_is_a_config_error() {
                 relay.shutdown().await;
                 panic!("{what}: the relay started without a secret");
             }
-            Err(e) => assert!(format!("{e:#}").contains("no secret"), "{what}: {e:#}"),
+            Err(e) => assert!(format!("{e:#}").contains(says), "{what}: {e:#}"),
         }
     }
 }

@@ -287,10 +287,14 @@ fn secret_with_whitespace_is_refused_without_echoing_it() {
 #[test]
 fn secret_file_without_a_secret_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for text in ["", "\n\n", "# only a comment\n"] {
+    for (text, says) in [
+        ("", "is empty"),
+        ("\n\n", "is empty"),
+        ("# only a comment\n", "holds no secret"),
+    ] {
         let path = dir.path().join("secrets");
         std::fs::write(&path, text).expect("write");
         let err = Secrets::load(&path).expect_err("no secret");
-        assert!(err.to_string().contains("no secret"), "{err}");
+        assert!(err.to_string().contains(says), "{err}");
     }
 }

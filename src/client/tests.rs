@@ -130,3 +130,20 @@ fn shipped_allowlist_has_the_seven_ocrolus_addresses() {
     }
     assert!(p.trusted_proxies().is_empty());
 }
+
+#[test]
+fn cidr_with_host_bits_is_refused_with_both_corrections() {
+    let err = NetPolicy::parse("allow:\n  - 10.0.0.1/8\n").expect_err("host bits");
+    assert_eq!(
+        err.to_string(),
+        "line 2: `allow` entry \"10.0.0.1/8\" has host bits set; write 10.0.0.0/8 for the whole \
+         range or 10.0.0.1/32 for the one address"
+    );
+    let err = NetPolicy::parse("allow: [10.0.0.0/8]\ntrusted_proxies:\n  - 2001:db8::1/64\n")
+        .expect_err("host bits");
+    assert!(
+        err.to_string()
+            .contains("write 2001:db8::/64 for the whole range or 2001:db8::1/128"),
+        "{err}"
+    );
+}

@@ -101,11 +101,28 @@ pub async fn run(args: SendTestArgs, secrets_env: Option<String>) -> anyhow::Res
     println!("POST {uri}");
     println!("Webhook-Request-Id: {id}");
     println!("body: {}", String::from_utf8_lossy(&body));
-    println!("-> {status} {}", String::from_utf8_lossy(&response));
+    let answer = String::from_utf8_lossy(&response);
     if status != 200 {
-        bail!("relay answered {status}");
+        bail!("relay answered {status} {answer}{}", refusal_hint(status));
     }
+    println!("-> {status} {answer}");
     Ok(())
+}
+
+/// What to check when the relay refuses the test delivery. The relay's own
+/// log line for the request names the exact reason.
+fn refusal_hint(status: u16) -> &'static str {
+    match status {
+        401 => {
+            ": the relay did not accept the signature or credentials; sign with a secret the \
+             relay has (--secret-file, RELAY_WEBHOOK_SECRETS, --basic-auth-file, or --dev against \
+             `serve --dev`). The relay's log line for this request gives the reason"
+        }
+        403 => ": this machine's address is not on the relay's allowlist",
+        404 | 405 => ": the URL's path is not a webhook path of the relay (--webhook-path)",
+        429 | 503 => ": the relay is busy or cannot make events safe; see its /readyz and logs",
+        _ => "",
+    }
 }
 
 /// Where to send: `--url`, else the relay's `--listen` (mapped the way
@@ -232,7 +249,16 @@ where
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
-    let response = sender.send_request(request).await?;
+    let response = sender.send_request(request).await.map_err(|e| {
+        if e.is_canceled() || e.is_incomplete_message() {
+            anyhow!(
+                "the relay closed the connection without answering: it does so to peers not on \
+                 its allowlist, before reading a byte (the relay logs reason=\"peer_not_allowed\")"
+            )
+        } else {
+            anyhow!(e).context("sending the request")
+        }
+    })?;
     let status = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, body))

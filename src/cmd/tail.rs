@@ -51,7 +51,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                 FieldTable::default(),
             )
             .await
-            .with_context(|| format!("binding to exchange {}", args.broker.exchange))?;
+            .map_err(|e| bind_failed(&e, &args.broker.exchange))?;
     }
     eprintln!(
         "tailing exchange {} with {:?} on node {node}",
@@ -79,6 +79,22 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     }
     let _ = connection.close(200, "tail done".into()).await;
     Ok(())
+}
+
+/// The broker's own words, without lapin's repetition of them, and what to
+/// do about the usual cause.
+fn bind_failed(e: &lapin::Error, exchange: &str) -> anyhow::Error {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404 => anyhow::anyhow!(
+            "binding to exchange {exchange}: {}; the relay declares it when it starts \
+             (unless --no-declare), or pass --exchange with the relay's exchange",
+            amqp.get_message()
+        ),
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            anyhow::anyhow!("binding to exchange {exchange}: {}", amqp.get_message())
+        }
+        _ => anyhow::anyhow!("binding to exchange {exchange}: {e}"),
+    }
 }
 
 /// One delivery as a JSON line: routing key, properties, headers, body.
