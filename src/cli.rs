@@ -16,6 +16,7 @@ use crate::cmd;
 use crate::config::{Config, LogFormat, ServeArgs};
 use crate::config_error::ConfigError;
 use crate::config_file::{ConfigFile, find_config_arg};
+use crate::signals::ForcedExit;
 
 #[derive(Debug, Parser)]
 #[command(name = "ocrolus-relay", version = crate::VERSION, about)]
@@ -185,9 +186,16 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Completions { .. } | Command::Man { .. } => Ok(()),
         }
     });
+    // A forced stop must not wait for tasks still running (a stuck fsync,
+    // the drain it cut short); a finished command has none left.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(log_format, &format!("{e:#}"), exit_code(&e)),
+        // Logged when the second signal came.
+        Err(e) => match e.downcast_ref::<ForcedExit>() {
+            Some(forced) => ExitCode::from(forced.code),
+            None => fail(log_format, &format!("{e:#}"), exit_code(&e)),
+        },
     }
 }
 

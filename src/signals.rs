@@ -1,10 +1,35 @@
-//! The signal loop: SIGHUP reloads, SIGTERM/SIGINT start the graceful shutdown.
+//! The signal loop: SIGHUP reloads, SIGTERM/SIGINT start the graceful
+//! shutdown, and a second SIGTERM/SIGINT during it stops at once (as Ctrl-C
+//! twice does in Vector or Caddy), for an operator who cannot wait out the
+//! drain deadline. Stopping at once is as safe as `kill -9`: what was answered
+//! 200 is in the broker or fsynced in the spool, and is delivered after the
+//! next start; requests still in flight get no answer, and Ocrolus retries them.
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::app::Relay;
 
-/// Serves until SIGTERM or SIGINT, reloading on SIGHUP; then drains.
+/// The graceful drain was cut short by a second signal. The process exits
+/// with `128 + signal` (130 for SIGINT, 143 for SIGTERM), as a shell reports
+/// a process killed by it.
+#[derive(Debug, thiserror::Error)]
+#[error("{signal} during the graceful drain: stopped without finishing it")]
+pub struct ForcedExit {
+    pub signal: &'static str,
+    pub code: u8,
+}
+
+const SIGINT: ForcedExit = ForcedExit {
+    signal: "SIGINT",
+    code: 128 + 2,
+};
+const SIGTERM: ForcedExit = ForcedExit {
+    signal: "SIGTERM",
+    code: 128 + 15,
+};
+
+/// Serves until SIGTERM or SIGINT, reloading on SIGHUP; then drains, unless
+/// a second SIGTERM or SIGINT arrives first ([`ForcedExit`]).
 pub async fn run_until_signalled(relay: Relay) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = signal(SignalKind::hangup())?;
@@ -17,10 +42,26 @@ pub async fn run_until_signalled(relay: Relay) -> anyhow::Result<()> {
                 // A failed reload is logged and counted; the old config stays.
                 let _ = relay.state().reload();
             }
-            _ = terminate.recv() => { info!("SIGTERM: draining"); break; }
-            _ = interrupt.recv() => { info!("SIGINT: draining"); break; }
+            _ = terminate.recv() => {
+                info!("SIGTERM: draining (send it again to stop at once)");
+                break;
+            }
+            _ = interrupt.recv() => {
+                info!("SIGINT: draining (press Ctrl-C again to stop at once)");
+                break;
+            }
         }
     }
-    relay.shutdown().await;
-    Ok(())
+    let forced = tokio::select! {
+        () = relay.shutdown() => return Ok(()),
+        _ = terminate.recv() => SIGTERM,
+        _ = interrupt.recv() => SIGINT,
+    };
+    warn!(
+        signal = forced.signal,
+        exit_code = forced.code,
+        "second signal: stopping now without finishing the drain; events answered 200 are in \
+         the broker or the spool (delivered after the next start), requests in flight get no answer"
+    );
+    Err(forced.into())
 }

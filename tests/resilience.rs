@@ -1020,6 +1020,80 @@ async fn sigterm_under_load_loses_nothing_and_exits_in_time() {
     files.cleanup(&broker).await;
 }
 
+/// A second SIGTERM during the graceful drain stops the relay at once
+/// (exit 143, one warning line), and what was answered 200 is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn second_sigterm_during_the_drain_stops_at_once() {
+    require_broker!();
+    let files = BinaryRelay::new();
+    let broker = TestBroker::connect().await;
+    files.declare(&broker).await;
+    let queue = broker.bind_queue(&files.exchange, "#").await;
+    // Without the second signal the drain would last a minute.
+    let extra = flags(&["--shutdown-grace", "60", "--shutdown-deadline", "25"]);
+    let mut relay = RelayBinary::start(&files.args(AMQP_URL, extra)).await;
+    let run = unique("second-signal");
+    let (id, body) = (new_id(), event_body(0, &run));
+    let answer = try_post(&relay.url, &id, &body).await;
+    let mut tally = Tally::default();
+    tally.record(&id, &body, answer);
+    assert_eq!(tally.ok.len(), 1, "the event before the signals got a 200");
+
+    relay.sigterm();
+    let mut draining = false;
+    for _ in 0..500 {
+        if let Some((503, _)) = readyz(relay.admin).await {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(draining, "readiness 503 after the first SIGTERM");
+    relay.sigterm();
+    let exit = relay
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("the second SIGTERM ends the process well before the 60 s grace");
+    assert_eq!(exit.code(), Some(143), "{exit:?}");
+    let warnings: Vec<serde_json::Value> = relay
+        .logs
+        .lock()
+        .expect("logs")
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["level"] == "WARN" && l["signal"] == "SIGTERM")
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0]["exit_code"], 143);
+    assert!(
+        warnings[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("second signal: stopping now")),
+        "{}",
+        warnings[0]
+    );
+    // An event still in the spool (answered before the broker link was up)
+    // is delivered by the next start, as after kill -9.
+    let left_in_spool = ocrolus_relay::SpoolFile::open(&files.spool_dir)
+        .expect("spool file")
+        .stats()
+        .expect("stats")
+        .messages;
+    if left_in_spool > 0 {
+        let mut next = RelayBinary::start(&files.args(AMQP_URL, unthrottled())).await;
+        next.wait_drained(EVENTUALLY).await;
+        next.sigterm();
+        next.wait_exit(Duration::from_secs(60)).await;
+    }
+    let want: HashSet<String> = tally.ok.keys().cloned().collect();
+    collect(&broker, &queue, &want)
+        .await
+        .assert_promise_kept(&tally);
+
+    broker.delete_queue(&queue).await;
+    files.cleanup(&broker).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_lets_requests_in_flight_complete() {
     require_broker!();
