@@ -100,8 +100,9 @@ struct Link {
 pub struct Broker {
     config: BrokerConfig,
     link: ArcSwapOption<Link>,
-    /// The last node that refused us (TLS or credentials), until a connect
-    /// succeeds: `/readyz` reports it instead of quietly spooling.
+    /// The last node that refused us (TLS or credentials), or an exchange
+    /// that is missing or unusable, until a connect succeeds: `/readyz`
+    /// reports it instead of quietly spooling.
     rejected: ArcSwapOption<String>,
     blocked: AtomicBool,
     next_channel: AtomicUsize,
@@ -383,6 +384,10 @@ impl Broker {
                         error!(node = %label, error = %e, "broker node refused the relay; check --amqp-ca-file, --amqp-client-cert/-key and the credentials");
                         self.rejected
                             .store(Some(Arc::new(format!("{label}: {detail}"))));
+                    } else if let ConnectFailure::Topology(detail) = &e {
+                        error!(node = %label, error = %e, "an exchange the relay publishes to is not usable; events are spooled until it is");
+                        self.rejected
+                            .store(Some(Arc::new(format!("{label}: {detail}"))));
                     } else {
                         warn!(node = %label, error = %e, "broker connect failed; trying the next node");
                     }
@@ -450,20 +455,25 @@ impl Broker {
         let properties =
             ConnectionProperties::default().with_connection_name("ocrolus-relay".into());
         let connection = self.config.nodes.connect(node, properties).await?;
-        match self.open_channels(&connection).await {
-            Ok(channels) => Ok((
-                connection,
-                Link {
-                    generation,
-                    node,
-                    channels,
-                },
-            )),
+        let channels = match self.open_channels(&connection).await {
+            Ok(channels) => channels,
             Err(e) => {
                 tokio::spawn(close(connection));
-                Err(ConnectFailure::Setup(e.to_string()))
+                return Err(ConnectFailure::Setup(e.to_string()));
             }
+        };
+        if let Err(e) = self.topology(&connection).await {
+            tokio::spawn(close(connection));
+            return Err(ConnectFailure::Topology(e));
         }
+        Ok((
+            connection,
+            Link {
+                generation,
+                node,
+                channels,
+            },
+        ))
     }
 
     async fn open_channels(&self, connection: &Connection) -> lapin::Result<Vec<Channel>> {
@@ -475,17 +485,69 @@ impl Broker {
                 .await?;
             channels.push(channel);
         }
+        Ok(channels)
+    }
+
+    /// Declares the exchanges (`--exchange`, each source's own, the
+    /// alternate and dead-letter ones) or, with `--no-declare`, checks that
+    /// the ones events are published to exist: a publish to a missing
+    /// exchange would close the channel and spool every event with no word
+    /// of why. On its own channel, which a refusal closes.
+    async fn topology(&self, connection: &Connection) -> Result<(), String> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| format!("opening a channel: {e}"))?;
+        let main = std::iter::once((self.config.exchange.as_str(), "--exchange".to_owned()));
+        let sources = self.config.source_exchanges.iter().map(|e| {
+            (
+                e.name.as_str(),
+                format!("the exchange of source {}", e.sources.join(", ")),
+            )
+        });
+        let alternate = self.config.alternate_exchange.as_deref();
+        let dead_letter = self.config.dead_letter_exchange.as_deref();
         if self.config.declare {
-            let alternate = self.config.alternate_exchange.as_deref();
-            let dead_letter = self.config.dead_letter_exchange.as_deref();
-            declare_exchanges(&channels[0], &self.config.exchange, alternate, dead_letter).await?;
+            declare_fanouts(&channel, alternate, dead_letter)
+                .await
+                .map_err(|e| format!("declaring the alternate or dead-letter exchange: {e}"))?;
+        }
+        for (exchange, role) in main.chain(sources) {
+            let declared = if self.config.declare {
+                declare_topic(&channel, exchange, alternate).await
+            } else {
+                channel
+                    .exchange_declare(
+                        exchange.into(),
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions {
+                            passive: true,
+                            ..ExchangeDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+            };
+            declared.map_err(|e| {
+                let hint = if self.config.declare {
+                    "it may exist with another type or arguments, or the user may not configure it"
+                } else {
+                    "declare it on the broker, or let the relay declare it (no --no-declare)"
+                };
+                format!("exchange {exchange} ({role}): {e}; {hint}")
+            })?;
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        if self.config.declare {
             for queue in [dead_letter, alternate].into_iter().flatten() {
                 // On a cluster these classic queues live on one node each;
                 // while that node is down, re-declaring one fails (404, "home
                 // node is down"). Publishing needs only the exchanges, so a
                 // failure here must not keep the relay off a healthy node.
                 // Its own channel: the error closes the channel.
-                let channel = connection.create_channel().await?;
+                let Ok(channel) = connection.create_channel().await else {
+                    continue;
+                };
                 match declare_fanout_queue(&channel, queue).await {
                     Ok(()) => {
                         let _ = channel.close(200, "declared".into()).await;
@@ -496,7 +558,7 @@ impl Broker {
                 }
             }
         }
-        Ok(channels)
+        Ok(())
     }
 }
 
@@ -526,10 +588,24 @@ async fn declare_exchanges(
     alternate_exchange: Option<&str>,
     dead_letter_exchange: Option<&str>,
 ) -> lapin::Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
+    declare_fanouts(channel, alternate_exchange, dead_letter_exchange).await?;
+    declare_topic(channel, exchange, alternate_exchange).await
+}
+
+const DURABLE: ExchangeDeclareOptions = ExchangeDeclareOptions {
+    passive: false,
+    durable: true,
+    auto_delete: false,
+    internal: false,
+    nowait: false,
+};
+
+/// The dead-letter and alternate exchanges (fanouts).
+async fn declare_fanouts(
+    channel: &Channel,
+    alternate_exchange: Option<&str>,
+    dead_letter_exchange: Option<&str>,
+) -> lapin::Result<()> {
     for fanout in [dead_letter_exchange, alternate_exchange]
         .into_iter()
         .flatten()
@@ -538,11 +614,21 @@ async fn declare_exchanges(
             .exchange_declare(
                 fanout.into(),
                 ExchangeKind::Fanout,
-                durable,
+                DURABLE,
                 FieldTable::default(),
             )
             .await?;
     }
+    Ok(())
+}
+
+/// A durable topic exchange events are published to, with the alternate
+/// exchange (if any) taking what no binding routes.
+async fn declare_topic(
+    channel: &Channel,
+    exchange: &str,
+    alternate_exchange: Option<&str>,
+) -> lapin::Result<()> {
     let mut arguments = FieldTable::default();
     if let Some(alternate) = alternate_exchange {
         arguments.insert(
@@ -551,7 +637,7 @@ async fn declare_exchanges(
         );
     }
     channel
-        .exchange_declare(exchange.into(), ExchangeKind::Topic, durable, arguments)
+        .exchange_declare(exchange.into(), ExchangeKind::Topic, DURABLE, arguments)
         .await
 }
 

@@ -382,6 +382,9 @@ impl Sources {
 pub struct BrokerConfig {
     pub nodes: Nodes,
     pub exchange: String,
+    /// The sources' own exchanges other than `exchange`, each once, with
+    /// the sources that publish to it (for the error when it is missing).
+    pub source_exchanges: Vec<SourceExchange>,
     pub alternate_exchange: Option<String>,
     pub dead_letter_exchange: Option<String>,
     pub declare: bool,
@@ -513,6 +516,20 @@ impl Config {
                 Some(name.to_owned())
             }
         };
+        for source in &webhooks {
+            let Some(exchange) = source.exchange.as_deref() else {
+                continue;
+            };
+            if Some(exchange) == alternate_exchange.as_deref()
+                || Some(exchange) == dead_letter_exchange.as_deref()
+            {
+                return Err(ConfigError::new(format!(
+                    "source {}: exchange {exchange} is the alternate or dead-letter exchange; give the source a topic exchange of its own (or none, for --exchange)",
+                    source.name
+                )));
+            }
+        }
+        let source_exchanges = source_exchanges(&webhooks, &args.broker.exchange);
         if args.poison_attempts == 0 {
             return Err(ConfigError::new("--poison-attempts must be positive"));
         }
@@ -573,6 +590,7 @@ impl Config {
             broker: BrokerConfig {
                 nodes,
                 exchange: args.broker.exchange.clone(),
+                source_exchanges,
                 alternate_exchange,
                 dead_letter_exchange,
                 declare: !args.no_declare,
@@ -717,6 +735,19 @@ fn webhook_sources(
             }
             None => None,
         };
+        let exchange = match entry.exchange {
+            Some(exchange) => {
+                check_exchange_name(
+                    &format!(
+                        "line {}: source {name}: exchange",
+                        exchange.referenced.line()
+                    ),
+                    &exchange.value,
+                )?;
+                Some(exchange.value)
+            }
+            None => None,
+        };
         sources.push(WebhookSource {
             name,
             path,
@@ -724,10 +755,37 @@ fn webhook_sources(
             secrets_env: None,
             basic_auth_file: entry.basic_auth_file,
             routing_key_prefix,
-            exchange: None,
+            exchange,
         });
     }
     Ok(sources)
+}
+
+/// A topic exchange of one or more sources, declared (or, with
+/// `--no-declare`, checked) next to `--exchange`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceExchange {
+    pub name: String,
+    pub sources: Vec<String>,
+}
+
+/// The distinct source exchanges other than `main`, in the order of the
+/// sources; sources may share one.
+fn source_exchanges(webhooks: &[WebhookSource], main: &str) -> Vec<SourceExchange> {
+    let mut out: Vec<SourceExchange> = Vec::new();
+    for source in webhooks {
+        let Some(name) = source.exchange.as_deref().filter(|e| *e != main) else {
+            continue;
+        };
+        match out.iter_mut().find(|e| e.name == name) {
+            Some(shared) => shared.sources.push(source.name.clone()),
+            None => out.push(SourceExchange {
+                name: name.to_owned(),
+                sources: vec![source.name.clone()],
+            }),
+        }
+    }
+    out
 }
 
 fn check_exchange_name(flag: &str, name: &str) -> Result<(), ConfigError> {

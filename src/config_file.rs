@@ -132,6 +132,8 @@ pub struct SourceEntry {
     pub basic_auth_file: Option<PathBuf>,
     #[serde(default)]
     pub routing_key_prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    pub exchange: Option<Spanned<String>>,
 }
 
 impl ConfigFile {

@@ -68,8 +68,12 @@ pub enum ConnectFailure {
     /// trusted, or it wants a client certificate we do not have or it does
     /// not trust) or credentials. Retrying does not help; an operator must.
     Rejected(String),
-    /// Connected, but opening channels or declaring the topology failed.
+    /// Connected, but opening channels failed.
     Setup(String),
+    /// An exchange the relay publishes to is missing (with `--no-declare`)
+    /// or could not be declared as the relay needs it. Events would be
+    /// lost to it, so the link is not used; `/readyz` reports which one.
+    Topology(String),
 }
 
 impl ConnectFailure {
@@ -77,7 +81,7 @@ impl ConnectFailure {
         match self {
             Self::Unreachable(_) => ConnectFailureReason::Unreachable,
             Self::Rejected(_) => ConnectFailureReason::Rejected,
-            Self::Setup(_) => ConnectFailureReason::Setup,
+            Self::Setup(_) | Self::Topology(_) => ConnectFailureReason::Setup,
         }
     }
 }
@@ -88,6 +92,7 @@ impl fmt::Display for ConnectFailure {
             Self::Unreachable(e) => write!(f, "unreachable: {e}"),
             Self::Rejected(e) => write!(f, "rejected (TLS or credentials): {e}"),
             Self::Setup(e) => write!(f, "setup failed: {e}"),
+            Self::Topology(e) => write!(f, "topology: {e}"),
         }
     }
 }

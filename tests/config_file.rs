@@ -442,8 +442,27 @@ fn sources_must_have_distinct_paths_and_names_and_their_own_files() {
     assert_eq!(code, 64);
     assert!(err.contains("with `sources:`"), "{err}");
 
-    std::fs::write(&path, format!("{yaml}    exchange: other\n")).unwrap();
+    std::fs::write(&path, format!("{yaml}    exchange: not a name\n")).unwrap();
     let (code, _, err) = check_config(dir.path(), &[], &[]);
     assert_eq!(code, 64);
-    assert!(err.contains("exchange"), "{err}");
+    assert!(
+        err.contains("line 17: source sandbox: exchange") && err.contains("not a valid exchange"),
+        "{err}"
+    );
+
+    std::fs::write(&path, format!("{yaml}    exchange: test.unused.unrouted\n")).unwrap();
+    let (code, _, err) = check_config(dir.path(), &[], &[]);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("source sandbox: exchange test.unused.unrouted is the alternate"),
+        "{err}"
+    );
+
+    std::fs::write(&path, format!("{yaml}    exchange: sandbox.events\n")).unwrap();
+    let (code, out, err) = check_config(dir.path(), &[], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("routing keys sandbox.*, exchange sandbox.events)"),
+        "{out}"
+    );
 }

@@ -54,11 +54,19 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
             source.path,
             loaded.auth.hmac_secrets(),
             loaded.auth.basic_credentials(),
-            source
-                .routing_key_prefix
-                .as_deref()
-                .map(|p| format!(", routing keys {p}.*"))
-                .unwrap_or_default()
+            [
+                source
+                    .routing_key_prefix
+                    .as_deref()
+                    .map(|p| format!(", routing keys {p}.*")),
+                source
+                    .exchange
+                    .as_deref()
+                    .map(|e| format!(", exchange {e}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<String>()
         );
         hmac += loaded.auth.hmac_secrets();
         basic += loaded.auth.basic_credentials();

@@ -110,6 +110,7 @@ pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
                 BrokerConfig {
                     nodes,
                     exchange: broker.exchange,
+                    source_exchanges: Vec::new(),
                     alternate_exchange: None,
                     dead_letter_exchange: None,
                     declare: false,
