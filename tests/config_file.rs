@@ -293,6 +293,18 @@ async fn wait_for_secrets(admin: &str, source: &str, count: usize) {
     panic!("source {source} never reported {count} secrets");
 }
 
+async fn wait_broker_up(admin: &str) {
+    for _ in 0..200 {
+        let (_, _, metrics) = common::get(&format!("http://{admin}/metrics")).await;
+        let metrics = String::from_utf8_lossy(&metrics).into_owned();
+        if common::metric_value(&metrics, "ocrolus_relay_broker_up") == 1.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the relay never connected to the broker");
+}
+
 fn sighup(child: &tokio::process::Child) {
     let status = std::process::Command::new("kill")
         .args(["-HUP", &child.id().unwrap().to_string()])
@@ -334,6 +346,9 @@ async fn two_sources_keep_their_paths_secrets_and_routing_apart() {
     let base = format!("http://{listen}");
     let broker = TestBroker::connect().await;
     let queue = bind_when_declared(&broker, &exchange).await;
+    // The exchange exists a moment before the link is in use; a delivery
+    // in between is spooled, not published, and the counts below differ.
+    wait_broker_up(&admin).await;
     let body: &'static [u8] = br#"{"event_name":"book.verified","book_uuid":"b"}"#;
 
     assert_eq!(
