@@ -381,7 +381,7 @@ impl Broker {
                         .with_label_values(&[e.reason().as_str()])
                         .inc();
                     if let ConnectFailure::Rejected(detail) = &e {
-                        error!(node = %label, error = %e, "broker node refused the relay; check --amqp-ca-file, --amqp-client-cert/-key and the credentials");
+                        error!(node = %label, error = %e, "broker node refused the relay");
                         self.rejected
                             .store(Some(Arc::new(format!("{label}: {detail}"))));
                     } else if let ConnectFailure::Topology(detail) = &e {

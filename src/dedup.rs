@@ -7,6 +7,14 @@
 //! queue): at the default capacity this is most of the relay's steady-state
 //! memory (BENCHMARKS.md).
 //!
+//! Hand-written rather than an LRU or cache crate (`lru`, `moka`,
+//! `quick_cache`): what it keeps is a window in the order ids became safe,
+//! not a least-recently-used set (a duplicate must not extend its id's
+//! life), and a pending claim, with the watch its twins wait on, must never
+//! be evicted by capacity or time. A cache crate would hold the done ids
+//! only and still need a second map for the claims and the unsigned-id
+//! counts, so a `HashMap` and a `VecDeque` are the smaller whole.
+//!
 //! An id that no signature covers (Basic only) is remembered together with
 //! a digest of its body: the same id with another body is not a duplicate
 //! but a conflict, delivered as its own message, so that whoever can send
