@@ -2,7 +2,9 @@
 //! `/livez`, `/readyz`, and for `ocrolus rotate-secret`: `POST /reload`
 //! (same as SIGHUP, but answers whether it worked) and `GET /secrets` (per
 //! source, the count and fingerprints of the loaded secrets, never their
-//! values). Nothing of it is reachable on the public port.
+//! values). `/spool`, `/spool/events` and `POST /spool/drain` let an
+//! operator see and drain the spool while the relay runs ([`spool`]).
+//! Nothing of it is reachable on the public port.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,6 +23,8 @@ use tracing::{debug, warn};
 
 use crate::metrics::Reason;
 use crate::state::AppState;
+
+pub mod spool;
 
 /// Open admin connections at most: a scraper and an operator need a few;
 /// without a cap, half-open connections could take every file descriptor
@@ -51,7 +55,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
             let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
+                async move { Ok::<_, Infallible>(route(&state, &req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -64,8 +68,21 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
     }
 }
 
-fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
+        "/spool" => json(StatusCode::OK, spool::stats(state)),
+        "/spool/events" => match spool::events(state, req.uri().query()).await {
+            Ok(lines) => respond(StatusCode::OK, "application/x-ndjson", lines.into_bytes()),
+            Err((status, body)) => json(status, body),
+        },
+        "/spool/drain" if req.method() == Method::POST => {
+            let (status, body) = spool::drain(state);
+            json(status, body)
+        }
+        "/spool/drain" => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({ "error": "use POST" }),
+        ),
         "/reload" if req.method() == Method::POST => match state.reload() {
             Ok(()) => json(
                 StatusCode::OK,

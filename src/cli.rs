@@ -35,7 +35,7 @@ pub enum Command {
     SendTest(cmd::send_test::SendTestArgs),
     /// Bind a temporary queue and print events as JSON lines.
     Tail(cmd::tail::TailArgs),
-    /// Inspect or replay the spool (while the relay is stopped).
+    /// Inspect or replay the spool (through the running relay's admin listener, else the file).
     Spool(cmd::spool::SpoolArgs),
     /// Manage the Ocrolus side: webhooks, tests, secret rotation.
     Ocrolus(cmd::ocrolus::OcrolusArgs),

@@ -97,7 +97,10 @@ impl Reject {
                 Some(30),
             ),
             Self::Unavailable(
-                SpoolError::Storage(_) | SpoolError::Corrupt(_) | SpoolError::Closed,
+                SpoolError::Storage(_)
+                | SpoolError::Corrupt(_)
+                | SpoolError::Closed
+                | SpoolError::Locked(_),
             ) => (
                 S::SERVICE_UNAVAILABLE,
                 O::Unavailable,

@@ -1,12 +1,12 @@
 //! A minimal HTTP/1 client for the relay's own admin listener, used by
-//! `healthcheck`.
+//! `healthcheck` and `spool`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
-use http::{Request, StatusCode};
+use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -31,24 +31,40 @@ pub struct Reply {
 
 /// `GET http://{addr}{path}`, bounded by `timeout` from connect to body.
 pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<Reply> {
-    tokio::time::timeout(timeout, exchange(addr, path))
+    request(Method::GET, addr, path, timeout).await
+}
+
+/// `POST http://{addr}{path}` with an empty body, bounded like [`get`].
+pub async fn post(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<Reply> {
+    request(Method::POST, addr, path, timeout).await
+}
+
+async fn request(
+    method: Method,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
+    tokio::time::timeout(timeout, exchange(method, addr, path))
         .await
         .map_err(|_| anyhow!("http://{addr}{path}: no answer within {timeout:?}"))?
 }
 
-async fn exchange(addr: SocketAddr, path: &str) -> anyhow::Result<Reply> {
+async fn exchange(method: Method, addr: SocketAddr, path: &str) -> anyhow::Result<Reply> {
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to the admin listener {addr}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
-    let request = Request::get(path)
+    let request = Request::builder()
+        .method(method.clone())
+        .uri(path)
         .header(http::header::HOST, addr.to_string())
         .body(Empty::<Bytes>::new())?;
     let response = sender
         .send_request(request)
         .await
-        .with_context(|| format!("GET http://{addr}{path}"))?;
+        .with_context(|| format!("{method} http://{addr}{path}"))?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     Ok(Reply { status, body })

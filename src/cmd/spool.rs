@@ -1,176 +1,440 @@
-//! `spool stats|list|replay`: inspect the spool of a stopped relay, or push
-//! its events to the broker by hand (the running relay drains it itself).
-//! `--quarantine` does the same for the quarantine table: records the relay
+//! `spool stats|list|replay`: see the spool and push its events to the
+//! broker, whether the relay runs or not.
+//!
+//! A running relay holds the spool file's lock, so these commands first ask
+//! its admin listener (`--admin-listen`, as for `healthcheck`): `GET /spool`,
+//! `GET /spool/events`, and for `replay`, `POST /spool/drain`, which makes
+//! the relay's own drainer deliver the spool now. Only when no relay answers
+//! do they open the file, and they say on stderr which of the two they did.
+//! Through the admin listener, event bodies are shown as size and SHA-256
+//! only (see `admin/spool.rs`); from the file, in full.
+//!
+//! `--quarantine` lists or replays the quarantine table: records the relay
 //! took out of the drain (unreadable, or refused by the broker and not
-//! dead-lettered), which only an operator brings back.
+//! dead-lettered), which only an operator brings back. Replaying them needs
+//! the file, so it is refused while the relay runs, with what to do: the
+//! quarantined events are safe meanwhile, nothing drains or drops them.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::Subcommand;
-use serde_json::json;
+use http::StatusCode;
+use lapin::options::ExchangeDeclareOptions;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::FieldTable;
+use lapin::{ConnectionProperties, ExchangeKind};
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::spool::{Bodies, MAX_LIMIT, event_line, quarantine_line, stats_json};
 use crate::broker::Broker;
+use crate::cmd::admin_client;
 use crate::config::{BrokerArgs, BrokerConfig};
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
-use crate::outbox::spool::SpoolFile;
+use crate::outbox::spool::{SpoolError, SpoolFile};
+use crate::units::parse_duration;
 
+/// The spool directory when neither `--spool-dir` nor a running relay says.
+const DEFAULT_DIR: &str = "spool";
+/// How long to wait for the admin listener to answer one request.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often `replay` looks at a running relay's spool while it drains.
+const DRAIN_POLL: Duration = Duration::from_millis(250);
+
+/// Every flag is accepted before or after the action
+/// (`spool --spool-dir X stats` and `spool stats --spool-dir X`).
 #[derive(Debug, clap::Args)]
+#[command(mut_args = |arg: clap::Arg| arg.global(true))]
 pub struct SpoolArgs {
-    #[arg(long, env = "RELAY_SPOOL_DIR", default_value = "spool")]
-    pub spool_dir: PathBuf,
+    /// Spool directory. Default: the one the relay at --admin-listen uses,
+    /// else ./spool.
+    #[arg(long, env = "RELAY_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// The running relay's admin listener, as given to `serve` (0.0.0.0 / ::
+    /// mean this host). Asked first; the file is opened only if no relay answers.
+    #[arg(long, env = "RELAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// Broker to replay to when no relay runs (a running relay uses its own).
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     #[command(subcommand)]
     pub action: SpoolAction,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum SpoolAction {
-    /// Count and size of spooled events, age of the oldest.
+    /// Count and size of spooled events, age of the oldest, quarantine.
     Stats,
     /// Print spooled events as JSON lines (oldest first).
     List {
+        /// At most this many (a running relay lists at most 1000 per call).
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        /// List the quarantine table instead (reason, raw bytes as base64).
+        /// List the quarantine table instead (reason, and the event when readable).
         #[arg(long)]
         quarantine: bool,
     },
-    /// Publish every spooled event (with confirms) and remove each confirmed one.
+    /// Deliver every spooled event now. With a running relay, its drainer
+    /// does it (the file is not opened); otherwise publish from the file with
+    /// confirms, removing each confirmed event.
     Replay {
-        #[command(flatten)]
-        broker: BrokerArgs,
         /// Replay the readable records of the quarantine table instead
-        /// (unreadable ones stay, listed by `list --quarantine`).
+        /// (unreadable ones stay, listed by `list --quarantine`). Needs the
+        /// relay stopped.
         #[arg(long)]
         quarantine: bool,
+        /// With a running relay, give up waiting for the spool to empty after
+        /// this long (the relay keeps draining).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// Who answers: the running relay, or the file.
+enum Owner {
+    Relay {
+        addr: SocketAddr,
+        stats: Value,
+    },
+    File {
+        dir: PathBuf,
+        /// Why the file is read, as a sentence for the operator.
+        why_not_relay: String,
     },
 }
 
 pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
-    let spool = SpoolFile::open(&args.spool_dir).with_context(|| {
-        format!(
-            "opening the spool in {} (is a relay still running on it?)",
-            args.spool_dir.display()
-        )
-    })?;
-    match args.action {
-        SpoolAction::Stats => {
-            let s = spool.stats()?;
-            let age = s.oldest_ms.map(|ms| (crate::now_ms() - ms) / 1000);
+    match find_owner(&args).await {
+        Owner::Relay { addr, stats } => {
+            eprintln!(
+                "spool: asking the running relay at http://{addr} (spool {}); the file is not opened",
+                stats["dir"].as_str().unwrap_or("?")
+            );
+            via_relay(addr, stats, args.action).await
+        }
+        Owner::File { dir, why_not_relay } => {
+            let path = dir.join(crate::outbox::spool::FILE_NAME);
+            if !path.exists() {
+                bail!(
+                    "{why_not_relay}, and there is no spool file at {}: pass the relay's admin \
+                     address with --admin-listen (RELAY_ADMIN_LISTEN) or its spool with \
+                     --spool-dir (RELAY_SPOOL_DIR)",
+                    path.display()
+                );
+            }
+            let spool = match SpoolFile::open(&dir) {
+                Err(SpoolError::Locked(file)) => bail!(
+                    "the spool file {file} is locked by a running relay, but {why_not_relay}: pass \
+                     that relay's admin address with --admin-listen HOST:PORT (or \
+                     RELAY_ADMIN_LISTEN), as given to `serve --admin-listen`; or stop the relay \
+                     and run this again"
+                ),
+                opened => {
+                    opened.with_context(|| format!("opening the spool in {}", dir.display()))?
+                }
+            };
+            eprintln!(
+                "spool: {why_not_relay}; reading the file {} directly",
+                path.display()
+            );
+            via_file(&dir, &spool, args.action, &args.broker).await
+        }
+    }
+}
+
+/// Asks the admin listener for its spool; falls back to the file when no
+/// relay answers, or when the one that does serves another spool.
+async fn find_owner(args: &SpoolArgs) -> Owner {
+    let addr = admin_client::target(args.admin_listen);
+    let file = |why_not_relay: String| Owner::File {
+        dir: args
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR)),
+        why_not_relay,
+    };
+    let stats = match admin_get(addr, "/spool").await {
+        Ok(stats) => stats,
+        Err(e) => return file(format!("no relay answered at {addr} ({e:#})")),
+    };
+    let served = stats["dir"].as_str().map(PathBuf::from);
+    if let (Some(wanted), Some(served)) = (&args.spool_dir, &served) {
+        let wanted = std::fs::canonicalize(wanted).unwrap_or_else(|_| wanted.clone());
+        if &wanted != served {
+            return file(format!(
+                "the relay at {addr} serves the spool {}, not {}",
+                served.display(),
+                wanted.display()
+            ));
+        }
+    }
+    Owner::Relay { addr, stats }
+}
+
+/// A JSON answer of the admin listener, or why there is none.
+async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let reply = admin_client::get(addr, path, ADMIN_TIMEOUT).await?;
+    if reply.status == StatusCode::NOT_FOUND {
+        bail!("GET {path} answered 404: a relay too old for this command, or not a relay");
+    }
+    if reply.status != StatusCode::OK {
+        bail!(
+            "GET http://{addr}{path} answered {}: {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+    serde_json::from_slice(&reply.body).with_context(|| format!("GET http://{addr}{path}"))
+}
+
+async fn via_relay(addr: SocketAddr, stats: Value, action: SpoolAction) -> anyhow::Result<()> {
+    match action {
+        SpoolAction::Stats => println!("{stats}"),
+        SpoolAction::List { limit, quarantine } => {
+            if limit > MAX_LIMIT {
+                eprintln!("spool: a running relay lists at most {MAX_LIMIT} events per call");
+            }
+            let path = format!(
+                "/spool/events?limit={}{}",
+                limit.clamp(1, MAX_LIMIT),
+                if quarantine { "&quarantine=1" } else { "" }
+            );
+            let reply = admin_client::get(addr, &path, ADMIN_TIMEOUT).await?;
+            let body = String::from_utf8_lossy(&reply.body);
+            if reply.status != StatusCode::OK {
+                bail!("GET http://{addr}{path} answered {}: {body}", reply.status);
+            }
+            print!("{body}");
+        }
+        SpoolAction::Replay {
+            quarantine: true, ..
+        } => bail!(
+            "the relay at {addr} is running and owns the spool file; quarantined events are \
+             replayed from the file: stop the relay, run `ocrolus-relay spool replay --quarantine` \
+             with the relay's broker flags, start it again. Quarantined events are safe meanwhile \
+             (nothing drains or drops them)"
+        ),
+        SpoolAction::Replay { timeout, .. } => drain_now(addr, &stats, timeout).await?,
+    }
+    Ok(())
+}
+
+/// `replay` with a running relay: `POST /spool/drain`, then wait until the
+/// relay's spool is empty.
+async fn drain_now(addr: SocketAddr, before: &Value, timeout: Duration) -> anyhow::Result<()> {
+    let count = |v: &Value, field: &str| v[field].as_u64().unwrap_or_default();
+    let reply = admin_client::post(addr, "/spool/drain", ADMIN_TIMEOUT).await?;
+    let answer: Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+    if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+        bail!(
+            "the relay at {addr} cannot drain now: {}; its {} spooled events stay safe and are \
+             delivered once it reconnects (watch `ocrolus-relay spool stats`)",
+            answer["reason"].as_str().unwrap_or("no broker connection"),
+            count(&answer["spool"], "messages")
+        );
+    }
+    if !reply.status.is_success() {
+        bail!(
+            "POST http://{addr}/spool/drain answered {}: {}",
+            reply.status,
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+    eprintln!(
+        "spool: the relay drains {} spooled events now",
+        count(&answer["spool"], "messages")
+    );
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let now = admin_get(addr, "/spool").await?;
+        let drained = count(&now, "drained_total").saturating_sub(count(before, "drained_total"));
+        let left = count(&now, "messages");
+        if left == 0 {
             println!(
                 "{}",
-                json!({
-                    "messages": s.messages, "bytes": s.bytes, "oldest_age_seconds": age,
-                    "quarantined": s.quarantined, "quarantined_bytes": s.quarantined_bytes,
-                })
+                json!({ "replayed_by": "relay", "drained": drained, "left": 0,
+                        "quarantined": count(&now, "quarantined") })
+            );
+            return Ok(());
+        }
+        if now["broker_up"] == false {
+            bail!(
+                "the relay at {addr} lost its broker connection after draining {drained} events; \
+                 {left} stay spooled and are delivered once it reconnects"
             );
         }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "{left} events still spooled after {timeout:?} ({drained} drained meanwhile); the \
+                 relay keeps draining. Events the broker refuses wait out a backoff: see \
+                 `ocrolus-relay spool list` and the relay's log"
+            );
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+async fn via_file(
+    dir: &Path,
+    spool: &SpoolFile,
+    action: SpoolAction,
+    broker: &BrokerArgs,
+) -> anyhow::Result<()> {
+    match action {
+        SpoolAction::Stats => println!("{}", stats_json(dir, &spool.stats()?)),
         SpoolAction::List {
             limit,
             quarantine: true,
         } => {
-            use base64::Engine;
             for q in spool.quarantined(limit)? {
-                let event = q.envelope.as_ref().map(|e| {
-                    json!({
-                        "id": e.id, "routing_key": e.routing_key, "event": e.event_name,
-                        "client_ip": e.client_ip, "received_at_ms": e.received_at_ms,
-                        "body": String::from_utf8_lossy(&e.body),
-                    })
-                });
-                println!(
-                    "{}",
-                    json!({
-                        "seq": q.seq, "reason": q.reason, "quarantined_at_ms": q.quarantined_at_ms,
-                        "readable": event.is_some(), "event": event,
-                        "raw_base64": base64::engine::general_purpose::STANDARD.encode(&q.record),
-                    })
-                );
+                println!("{}", quarantine_line(&q, Bodies::Shown));
             }
         }
         SpoolAction::List { limit, .. } => {
-            for (key, e) in spool.list(limit)? {
-                println!(
-                    "{}",
-                    json!({
-                        "seq": key, "id": e.id, "routing_key": e.routing_key, "event": e.event_name,
-                        "client_ip": e.client_ip, "received_at_ms": e.received_at_ms,
-                        "body": String::from_utf8_lossy(&e.body),
-                    })
-                );
+            for (seq, e) in spool.list(limit)? {
+                println!("{}", event_line(seq, &e, Bodies::Shown));
             }
         }
-        SpoolAction::Replay { broker, quarantine } => {
-            let nodes = Nodes::from_args(&broker)?;
-            let broker = Broker::new(
-                BrokerConfig {
-                    nodes,
-                    exchange: broker.exchange,
-                    source_exchanges: Vec::new(),
-                    alternate_exchange: None,
-                    dead_letter_exchange: None,
-                    declare: false,
-                    confirm_timeout: Duration::from_secs(5),
-                    channels: 1,
-                },
-                Arc::new(Metrics::new()),
-            );
-            let stop = CancellationToken::new();
-            let supervisor = tokio::spawn(broker.clone().supervise(stop.clone()));
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-            while !broker.is_up() {
-                if tokio::time::Instant::now() > deadline {
-                    match broker.rejected() {
-                        Some(why) => bail!("broker refuses the connection: {why}"),
-                        None => bail!("no broker node reachable"),
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let mut replayed = 0;
-            let mut unreadable = 0;
-            if quarantine {
-                for q in spool.quarantined(usize::MAX)? {
-                    let Some(envelope) = q.envelope else {
-                        unreadable += 1;
-                        continue;
-                    };
-                    broker.publish_ordered(&envelope).await.with_context(|| {
-                        format!(
-                            "publishing quarantined event {} ({})",
-                            envelope.id, q.reason
-                        )
-                    })?;
-                    spool.remove_quarantined(&[q.seq])?;
-                    replayed += 1;
-                }
-            } else {
-                loop {
-                    let batch = spool.list(256)?;
-                    if batch.is_empty() {
-                        break;
-                    }
-                    for (key, envelope) in batch {
-                        broker
-                            .publish_ordered(&envelope)
-                            .await
-                            .with_context(|| format!("publishing spooled event {}", envelope.id))?;
-                        spool.remove(&[key])?;
-                        replayed += 1;
-                    }
-                }
-            }
-            stop.cancel();
-            let _ = supervisor.await;
-            println!(
-                "{}",
-                json!({ "replayed": replayed, "unreadable_left_in_quarantine": unreadable })
-            );
-        }
+        SpoolAction::Replay { quarantine, .. } => replay_file(spool, quarantine, broker).await?,
     }
     Ok(())
+}
+
+/// `replay` without a relay: publish from the file, with confirms.
+async fn replay_file(spool: &SpoolFile, quarantine: bool, args: &BrokerArgs) -> anyhow::Result<()> {
+    let nodes = Nodes::from_args(args)?;
+    check_exchange(&nodes, &args.exchange).await?;
+    let broker = Broker::new(
+        BrokerConfig {
+            nodes: nodes.clone(),
+            exchange: args.exchange.clone(),
+            source_exchanges: Vec::new(),
+            alternate_exchange: None,
+            dead_letter_exchange: None,
+            declare: false,
+            confirm_timeout: Duration::from_secs(5),
+            channels: 1,
+        },
+        Arc::new(Metrics::new()),
+    );
+    let stop = CancellationToken::new();
+    let supervisor = tokio::spawn(broker.clone().supervise(stop.clone()));
+    let result = publish_all(spool, quarantine, &broker, &nodes, &args.exchange).await;
+    stop.cancel();
+    let _ = supervisor.await;
+    let (replayed, unreadable) = result?;
+    println!(
+        "{}",
+        json!({ "replayed": replayed, "unreadable_left_in_quarantine": unreadable })
+    );
+    Ok(())
+}
+
+/// Publishes the spool (or the quarantine) in order; each event leaves the
+/// file after its confirm. Returns how many were replayed and how many
+/// quarantined records were unreadable.
+async fn publish_all(
+    spool: &SpoolFile,
+    quarantine: bool,
+    broker: &Broker,
+    nodes: &Nodes,
+    exchange: &str,
+) -> anyhow::Result<(u64, u64)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !broker.is_up() {
+        if tokio::time::Instant::now() > deadline {
+            match broker.rejected() {
+                Some(why) => bail!("broker refuses the connection: {why}"),
+                None => bail!("no broker node reachable"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A publish that fails says only "no broker connection"; the broker's
+    // reason (the exchange deleted meanwhile, say) is asked again.
+    let root_cause = |what: String| async move {
+        match check_exchange(nodes, exchange).await {
+            Err(e) => e.context(format!("nothing more replayed after {what}")),
+            Ok(()) => anyhow!("publishing {what} failed: no confirm from the broker"),
+        }
+    };
+    let mut replayed = 0;
+    let mut unreadable = 0;
+    if quarantine {
+        for q in spool.quarantined(usize::MAX)? {
+            let Some(envelope) = q.envelope else {
+                unreadable += 1;
+                continue;
+            };
+            if let Err(e) = broker.publish_ordered(&envelope).await {
+                return Err(root_cause(format!("quarantined event {} ({e})", envelope.id)).await);
+            }
+            spool.remove_quarantined(&[q.seq])?;
+            replayed += 1;
+        }
+    } else {
+        loop {
+            let batch = spool.list(256)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (key, envelope) in batch {
+                if let Err(e) = broker.publish_ordered(&envelope).await {
+                    return Err(root_cause(format!("spooled event {} ({e})", envelope.id)).await);
+                }
+                spool.remove(&[key])?;
+                replayed += 1;
+            }
+        }
+    }
+    Ok((replayed, unreadable))
+}
+
+/// Asks the broker whether `exchange` exists (a passive declare on a
+/// connection of its own). Publishing to a missing exchange makes the
+/// broker close the channel, which the publisher only sees as a lost
+/// connection; this says why, and what to do.
+async fn check_exchange(nodes: &Nodes, exchange: &str) -> anyhow::Result<()> {
+    let properties =
+        ConnectionProperties::default().with_connection_name("ocrolus-relay spool replay".into());
+    let (connection, node) = nodes.connect_first(properties).await?;
+    let declared = async {
+        let channel = connection.create_channel().await?;
+        channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+    }
+    .await;
+    let _ = connection.close(200, "checked".into()).await;
+    match declared {
+        Ok(()) => Ok(()),
+        Err(e) => match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp)
+                if amqp.kind() == &AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
+            {
+                Err(anyhow!(
+                    "the broker at {node} has no exchange '{exchange}' ({}): pass the relay's \
+                     exchange with --exchange (or RELAY_EXCHANGE), or start the relay once so \
+                     that it declares it",
+                    amqp.get_message()
+                ))
+            }
+            _ => Err(anyhow!(
+                "the broker at {node} refused to check the exchange '{exchange}': {e}"
+            )),
+        },
+    }
 }

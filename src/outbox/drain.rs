@@ -8,6 +8,10 @@
 //! fails, moved to the spool's quarantine table. Nothing is dropped. A
 //! failure of the broker itself (timeout, lost connection, blocked) stops
 //! the round instead: every event would fail alike.
+//!
+//! An operator can ask for a round now (`POST /spool/drain` on the admin
+//! listener, `ocrolus-relay spool replay` while the relay runs): the
+//! drainer stops waiting out its backoff and tries refused events at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -86,6 +90,23 @@ struct State {
     logs: LogThrottle,
 }
 
+impl State {
+    /// An operator asked for a drain now (`POST /spool/drain`): refused
+    /// events are due at once (their attempts still count towards
+    /// `--poison-attempts`) and the backoff starts over.
+    fn retry_now(&mut self, backoff: &mut Backoff) {
+        let now = Instant::now();
+        for retry in self.retries.values_mut() {
+            retry.not_before = now;
+        }
+        backoff.reset();
+        info!(
+            waiting = self.retries.len(),
+            "spool drain requested by an operator"
+        );
+    }
+}
+
 /// How a round ended, when it did not fail.
 enum Round {
     /// Something left the spool.
@@ -117,6 +138,7 @@ impl Drainer {
                     _ = shutdown.cancelled() => return,
                     _ = self.spool.appended() => {}
                     _ = self.broker.became_up() => {}
+                    () = self.spool.drain_requested() => state.retry_now(&mut backoff),
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 }
                 continue;
@@ -152,6 +174,7 @@ impl Drainer {
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
+                        () = self.spool.drain_requested() => state.retry_now(&mut backoff),
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
                     continue;
@@ -161,6 +184,7 @@ impl Drainer {
                 _ = shutdown.cancelled() => return,
                 _ = self.spool.appended() => {}
                 _ = self.broker.became_up() => {}
+                () = self.spool.drain_requested() => state.retry_now(&mut backoff),
                 _ = tokio::time::sleep(wait) => {}
             }
         }

@@ -28,8 +28,9 @@ mod record;
 mod store;
 
 pub use record::Quarantined;
+pub use store::FILE_NAME;
 pub use store::SpoolFile;
-use store::{FILE_NAME, Op, Reply};
+use store::{Op, Reply};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
@@ -42,6 +43,9 @@ pub enum SpoolError {
     Corrupt(String),
     #[error("spool is closed")]
     Closed,
+    /// Another process (a running relay) holds the file.
+    #[error("spool file {0} is locked by another process (a running relay)")]
+    Locked(String),
 }
 
 fn storage<E: std::fmt::Display>(e: E) -> SpoolError {
@@ -97,6 +101,8 @@ pub struct Spool {
     metrics: Arc<Metrics>,
     /// Wakes the drainer when something was spooled.
     spooled: Notify,
+    /// Wakes the drainer when an operator asks for a drain now.
+    drain_requested: Notify,
 }
 
 impl Spool {
@@ -130,6 +136,7 @@ impl Spool {
             config,
             metrics,
             spooled: Notify::new(),
+            drain_requested: Notify::new(),
         });
         spool.refresh_gauges();
         Ok(spool)
@@ -137,6 +144,11 @@ impl Spool {
 
     pub fn stats(&self) -> SpoolStats {
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The directory, bounds and maxima the spool was opened with.
+    pub fn config(&self) -> &SpoolConfig {
+        &self.config
     }
 
     /// True while one more typical event fits.
@@ -227,6 +239,18 @@ impl Spool {
     /// Resolves once an event was appended since the last call.
     pub async fn appended(&self) {
         self.spooled.notified().await;
+    }
+
+    /// Asks the drainer for a round now: it stops waiting out its backoff
+    /// and tries refused events at once (`POST /spool/drain`). Remembered
+    /// if the drainer is busy, so a request during a round is not lost.
+    pub fn request_drain(&self) {
+        self.drain_requested.notify_one();
+    }
+
+    /// Resolves once a drain was requested since the last call.
+    pub async fn drain_requested(&self) {
+        self.drain_requested.notified().await;
     }
 
     /// Removes events by key.

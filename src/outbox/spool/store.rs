@@ -21,7 +21,7 @@ use super::{Reservation, SpoolError, SpoolStats, storage};
 use crate::event::Envelope;
 use crate::metrics::Metrics;
 
-pub(super) const FILE_NAME: &str = "spool.redb";
+pub const FILE_NAME: &str = "spool.redb";
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
 
@@ -82,6 +82,9 @@ pub(super) fn open_db(dir: &Path) -> Result<Database, SpoolError> {
         .map_err(|e| SpoolError::Storage(format!("spool dir {}: {e}", dir.display())))?;
     let path: PathBuf = dir.join(FILE_NAME);
     let db = Database::create(&path).map_err(|e| {
+        if matches!(e, redb::DatabaseError::DatabaseAlreadyOpen) {
+            return SpoolError::Locked(path.display().to_string());
+        }
         let e = redb::Error::from(e);
         if is_corruption(&e) {
             SpoolError::Corrupt(format!("{}: {e}", path.display()))
@@ -503,7 +506,8 @@ fn next_key(db: &Database) -> Result<u64, redb::Error> {
 }
 
 /// Direct access for the `spool` subcommand and `check-config` (on a
-/// stopped relay: a running one holds the file lock).
+/// stopped relay: a running one holds the file lock, and is asked through
+/// its admin listener instead).
 pub struct SpoolFile {
     db: Database,
 }
