@@ -518,3 +518,203 @@ async fn send_test_prints_the_relays_refusal_and_what_to_check() {
     let broker = TestBroker::connect().await;
     relay.finish(&broker, &[]).await;
 }
+
+/// `spool stats` with no relay answering: it says it reads the file (the
+/// exact line `read_file`) and finds the 3 events spooled there.
+async fn stats_from_file(args: &[&str], env: &[(&str, &str)], read_file: &str) {
+    let out = run_binary(args, env).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stderr), read_file);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(stats["messages"], 3, "{stats}");
+}
+
+/// An address where no admin listener answers.
+fn closed_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").to_string()
+}
+
+#[tokio::test]
+async fn spool_commands_without_a_relay_read_the_file_and_say_so() {
+    require_broker!();
+    let broker = TestBroker::connect().await;
+    let exchange = unique("test.events");
+    ocrolus_relay::declare_topology(&broker.channel, &exchange, None, None)
+        .await
+        .expect("declare");
+    let queue = broker.bind_queue(&exchange, "#").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool_dir = dir.path().join("spool");
+    let proxy = FaultProxy::start("127.0.0.1:5672").await;
+    proxy.cut();
+    let opts = RelayOptions {
+        amqp_url: proxy.url(),
+        ..RelayOptions::default()
+    };
+    let alternate = format!("{exchange}.unrouted");
+    let mut relay = RelayBinary::start(&serve_args(
+        &opts,
+        dir.path(),
+        &exchange,
+        &alternate,
+        &spool_dir,
+    ))
+    .await;
+    let bodies: Vec<Vec<u8>> = (0..3)
+        .map(|n| format!(r#"{{"event_name":"BOOK_VERIFIED","book_pk":{n}}}"#).into_bytes())
+        .collect();
+    for body in &bodies {
+        let answer = try_post(
+            &relay.url,
+            &new_id(),
+            body,
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .expect("answer");
+        assert_eq!(answer.0, 200);
+    }
+    let no_admin = closed_port();
+    let spool = spool_dir.display().to_string();
+    let file = format!("{spool}/spool.redb");
+    let refused = format!(
+        "no relay answered at {no_admin} (connecting to the admin listener {no_admin}: \
+         Connection refused (os error 111))"
+    );
+
+    // The relay holds the file and its admin listener is not where we look.
+    let args = [
+        "spool",
+        "stats",
+        "--spool-dir",
+        &spool,
+        "--admin-listen",
+        &no_admin,
+    ];
+    let out = run_binary(&args, &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: the spool file {file} is locked by a running relay, but {refused}: pass that \
+             relay's admin address with --admin-listen HOST:PORT (or RELAY_ADMIN_LISTEN), as given \
+             to `serve --admin-listen`; or stop the relay and run this again\n"
+        )
+    );
+    relay.sigterm();
+    relay
+        .wait_exit(std::time::Duration::from_secs(60))
+        .await
+        .expect("relay stopped");
+
+    // Flags before or after the action, or their env twins: the same file.
+    let read_file = format!("spool: {refused}; reading the file {file} directly\n");
+    stats_from_file(&args, &[], &read_file).await;
+    let before = [
+        "spool",
+        "--spool-dir",
+        &spool,
+        "--admin-listen",
+        &no_admin,
+        "stats",
+    ];
+    stats_from_file(&before, &[], &read_file).await;
+    let env = [
+        ("RELAY_SPOOL_DIR", spool.as_str()),
+        ("RELAY_ADMIN_LISTEN", &no_admin),
+    ];
+    stats_from_file(&["spool", "stats"], &env, &read_file).await;
+    let out = run_binary(
+        &[
+            "spool",
+            "list",
+            "--spool-dir",
+            &spool,
+            "--admin-listen",
+            &no_admin,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listed: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            v["body"]
+                .as_str()
+                .expect("the file shows bodies")
+                .to_owned()
+        })
+        .collect();
+    let sent: Vec<String> = bodies.iter().map(|b| text(b)).collect();
+    assert_eq!(listed, sent);
+
+    // A missing exchange: the broker's reason, once, and nothing replayed.
+    let missing = unique("test.missing");
+    let replay = |exchange: String| {
+        let (spool, no_admin) = (spool.clone(), no_admin.clone());
+        async move {
+            let args = [
+                "spool",
+                "replay",
+                "--amqp-url",
+                AMQP_URL,
+                "--exchange",
+                &exchange,
+                "--spool-dir",
+                &spool,
+                "--admin-listen",
+                &no_admin,
+            ];
+            run_binary(&args, &[]).await
+        }
+    };
+    let out = replay(missing.clone()).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.starts_with(&read_file), "{stderr}");
+    assert_eq!(
+        stderr.lines().last(),
+        Some(
+            format!(
+                "error: the broker at 127.0.0.1:5672 has no exchange '{missing}' (NOT_FOUND - no \
+                 exchange '{missing}' in vhost '/'): pass the relay's exchange with --exchange (or \
+                 RELAY_EXCHANGE), or start the relay once so that it declares it; 0 events \
+                 replayed, the rest stay in the spool"
+            )
+            .as_str()
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("NOT_FOUND").count(),
+        1,
+        "said once: {stderr}"
+    );
+    assert!(!stderr.contains("no broker connection"), "{stderr}");
+    assert_eq!(text(&out.stdout), "");
+
+    // The relay's exchange: every event, exact bytes, in order.
+    let out = replay(exchange.clone()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "{\"replayed\":3,\"unreadable_left_in_quarantine\":0}\n"
+    );
+    let delivered: Vec<String> = broker
+        .drain(&queue, 3, std::time::Duration::from_secs(10))
+        .await
+        .iter()
+        .map(|m| text(&m.delivery.data))
+        .collect();
+    assert_eq!(delivered, sent);
+    broker.delete_queue(&queue).await;
+    broker.delete_exchange(&exchange).await;
+}

@@ -1231,3 +1231,194 @@ async fn readyz_reflects_broker_spool_and_draining() {
     assert_eq!(draining.0, 503);
     assert_eq!(draining.1["reason"], "draining");
 }
+
+// ---------------------------------------------------------------------------
+// 9. An operator's `spool` commands against a running relay, under load.
+
+/// `count` signed posts numbered from `first`, from `senders` concurrent
+/// senders, each answer recorded in `tally`.
+async fn send_load(
+    url: &str,
+    run: &str,
+    (first, count): (usize, usize),
+    senders: usize,
+    tally: Arc<Mutex<Tally>>,
+) {
+    let next = Arc::new(AtomicUsize::new(first));
+    let mut tasks = Vec::new();
+    for _ in 0..senders {
+        let (next, tally, url, run) = (next.clone(), tally.clone(), url.to_owned(), run.to_owned());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= first + count {
+                    return;
+                }
+                let id = new_id();
+                let body = event_body(n, &run);
+                let answer = try_post(&url, &id, &body).await;
+                tally.lock().expect("tally").record(&id, &body, answer);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("sender");
+    }
+}
+
+/// `ocrolus-relay spool ARGS`: exit code, stdout lines as JSON, stderr.
+async fn spool_command(args: &[&str]) -> (Option<i32>, Vec<serde_json::Value>, String) {
+    let mut argv = vec!["spool"];
+    argv.extend_from_slice(args);
+    let out = run_binary(&argv, &[]).await;
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    (
+        out.status.code(),
+        lines,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spool_commands_inspect_and_drain_a_running_relay_under_load() {
+    use sha2::Digest;
+    require_broker!();
+    const EVENTS: usize = 300;
+    const SENDERS: usize = 16;
+    let files = BinaryRelay::new();
+    let broker = TestBroker::connect().await;
+    files.declare(&broker).await;
+    let queue = broker.bind_queue(&files.exchange, "#").await;
+    let proxy = FaultProxy::start("127.0.0.1:5672").await;
+    proxy.cut();
+    let relay = RelayBinary::start(&files.args(&proxy.url(), unthrottled())).await;
+    let admin = relay.admin.to_string();
+    let asked_relay = format!("spool: asking the running relay at http://{admin} (spool ");
+    let run = unique("spool-live");
+    let tally = Arc::new(Mutex::new(Tally::default()));
+
+    // The broker is cut: every event is spooled while `spool stats` watches.
+    let load = tokio::spawn({
+        let (url, run, tally) = (relay.url.clone(), run.clone(), tally.clone());
+        async move { send_load(&url, &run, (0, EVENTS), SENDERS, tally).await }
+    });
+    let mut seen = Vec::new();
+    loop {
+        let loading = !load.is_finished();
+        let (code, lines, stderr) = spool_command(&["stats", "--admin-listen", &admin]).await;
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stderr.starts_with(&asked_relay), "{stderr}");
+        let messages = lines[0]["messages"].as_u64().expect("messages");
+        assert!(
+            seen.last().is_none_or(|&(last, _)| last <= messages),
+            "nothing drains while the broker is cut: {seen:?} then {messages}"
+        );
+        seen.push((messages, loading));
+        if !loading {
+            break;
+        }
+    }
+    load.await.expect("load");
+    let accepted = std::mem::take(&mut *tally.lock().expect("tally"));
+    assert_eq!(accepted.spooled, EVENTS, "broker cut: all spooled");
+
+    let (code, lines, stderr) = spool_command(&["stats", "--admin-listen", &admin]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let stats = &lines[0];
+    let body_bytes: usize = accepted.ok.values().map(Vec::len).sum();
+    assert_eq!(stats["messages"], EVENTS);
+    assert!(stats["bytes"].as_u64().expect("bytes") >= body_bytes as u64);
+    assert!(stats["oldest_age_seconds"].is_u64(), "{stats}");
+    assert_eq!(stats["quarantined"], 0);
+    assert_eq!(stats["broker_up"], false);
+
+    // Flags after the action, and the relay's own spool dir named.
+    let spool_dir = files.spool_dir.display().to_string();
+    let (code, events, stderr) = spool_command(&[
+        "list",
+        "--limit",
+        "1000",
+        "--spool-dir",
+        &spool_dir,
+        "--admin-listen",
+        &admin,
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.starts_with(&asked_relay), "{stderr}");
+    assert_eq!(events.len(), EVENTS);
+    let mut last_seq = None;
+    for e in &events {
+        let id = e["id"].as_str().expect("id");
+        let sent = &accepted.ok[id];
+        assert_eq!(e["body_bytes"], sent.len());
+        assert_eq!(e["body_sha256"], hex::encode(sha2::Sha256::digest(sent)));
+        assert!(e.get("body").is_none(), "the admin view never shows a body");
+        let seq = e["seq"].as_u64().expect("seq");
+        assert!(last_seq < Some(seq), "oldest first");
+        last_seq = Some(seq);
+    }
+    let (code, quarantined, stderr) =
+        spool_command(&["list", "--quarantine", "--admin-listen", &admin]).await;
+    assert_eq!((code, quarantined.len()), (Some(0), 0), "{stderr}");
+
+    // No broker: a drain now is refused, and says why and that nothing is lost.
+    let (code, _, stderr) = spool_command(&["replay", "--admin-listen", &admin]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot drain now: no broker connection (the relay keeps reconnecting; see its log); \
+             its {EVENTS} spooled events stay safe"
+        )),
+        "{stderr}"
+    );
+
+    // The broker is back: replay asks the relay to drain while new events
+    // keep arriving, and never opens the file the relay holds.
+    proxy.restore();
+    let started = Instant::now();
+    while relay.metric("ocrolus_relay_broker_up").await != Some(1.0) {
+        assert!(started.elapsed() < EVENTUALLY, "broker never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tally = Arc::new(Mutex::new(accepted));
+    let load = tokio::spawn({
+        let (url, run, tally) = (relay.url.clone(), run.clone(), tally.clone());
+        async move { send_load(&url, &run, (EVENTS, EVENTS), SENDERS, tally).await }
+    });
+    let (code, replayed, stderr) = spool_command(&["replay", "--admin-listen", &admin]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.starts_with(&asked_relay), "{stderr}");
+    assert_eq!(replayed[0]["replayed_by"], "relay");
+    assert_eq!(replayed[0]["left"], 0);
+    load.await.expect("load");
+    relay.wait_drained(EVENTUALLY).await;
+
+    let tally = std::mem::take(&mut *tally.lock().expect("tally"));
+    let want: HashSet<String> = tally.ok.keys().cloned().collect();
+    let delivered = collect(&broker, &queue, &want).await;
+    eprintln!(
+        "spool commands: stats_polls={} (during load {}) spooled={} then sent={EVENTS} ok200={} \
+         replay={} delivered={} duplicates={} lost={}",
+        seen.len(),
+        seen.iter().filter(|(_, loading)| *loading).count(),
+        EVENTS,
+        tally.ok.len() - EVENTS,
+        replayed[0],
+        delivered.messages.len(),
+        delivered.duplicates(),
+        delivered.lost(&tally).len()
+    );
+    assert_eq!(tally.ok.len(), 2 * EVENTS, "every event answered 200");
+    delivered.assert_promise_kept(&tally);
+    assert_eq!(delivered.duplicates(), 0);
+
+    relay.sigterm();
+    let mut relay = relay;
+    relay.wait_exit(Duration::from_secs(60)).await;
+    broker.delete_queue(&queue).await;
+    files.cleanup(&broker).await;
+}

@@ -102,6 +102,19 @@ impl ChildLines {
     }
 }
 
+/// Runs the relay binary once, as an operator types a command (`spool stats
+/// …`), with only `PATH` and `env` in its environment.
+pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_ocrolus-relay"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("run ocrolus-relay")
+}
+
 /// The relay binary, `serve ARGS --log-format json`, for process-level
 /// faults (kill -9, SIGTERM, restarts, CPU and log volume). Its ephemeral
 /// ports come from the "serving" log line, so there is no port race; every
