@@ -56,6 +56,7 @@ pub fn event_line(seq: u64, e: &Envelope, bodies: Bodies) -> Value {
     let mut line = json!({
         "seq": seq, "id": e.id, "routing_key": e.routing_key, "event": e.event_name,
         "client_ip": e.client_ip, "received_at_ms": e.received_at_ms,
+        "source": &*e.source, "exchange": e.exchange.as_deref(),
         "body_bytes": e.body.len(), "body_sha256": hex::encode(sha2::Sha256::digest(&e.body)),
     });
     if bodies == Bodies::Shown {

@@ -15,6 +15,7 @@
 //! the file, so it is refused while the relay runs, with what to do: the
 //! quarantined events are safe meanwhile, nothing drains or drops them.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use crate::admin::spool::{Bodies, MAX_LIMIT, event_line, quarantine_line, stats_
 use crate::broker::Broker;
 use crate::cmd::admin_client;
 use crate::config::{BrokerArgs, BrokerConfig};
+use crate::event::Envelope;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::outbox::spool::{SpoolError, SpoolFile};
@@ -308,7 +310,6 @@ async fn via_file(
 /// `replay` without a relay: publish from the file, with confirms.
 async fn replay_file(spool: &SpoolFile, quarantine: bool, args: &BrokerArgs) -> anyhow::Result<()> {
     let nodes = Nodes::from_args(args)?;
-    check_exchange(&nodes, &args.exchange).await?;
     let broker = Broker::new(
         BrokerConfig {
             nodes: nodes.clone(),
@@ -355,13 +356,11 @@ async fn publish_all(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A publish that fails says only "no broker connection"; the broker's
-    // reason (the exchange deleted meanwhile, say) is asked again.
-    let root_cause = |what: String| async move {
-        match check_exchange(nodes, exchange).await {
-            Err(e) => e.context(format!("nothing more replayed after {what}")),
-            Ok(()) => anyhow!("publishing {what} failed: no confirm from the broker"),
-        }
+    let mut publisher = Publisher {
+        broker,
+        nodes,
+        default_exchange: exchange,
+        checked: HashSet::new(),
     };
     let mut replayed = 0;
     let mut unreadable = 0;
@@ -371,9 +370,7 @@ async fn publish_all(
                 unreadable += 1;
                 continue;
             };
-            if let Err(e) = broker.publish_ordered(&envelope).await {
-                return Err(root_cause(format!("quarantined event {} ({e})", envelope.id)).await);
-            }
+            publisher.publish(&envelope, replayed).await?;
             spool.remove_quarantined(&[q.seq])?;
             replayed += 1;
         }
@@ -384,15 +381,56 @@ async fn publish_all(
                 break;
             }
             for (key, envelope) in batch {
-                if let Err(e) = broker.publish_ordered(&envelope).await {
-                    return Err(root_cause(format!("spooled event {} ({e})", envelope.id)).await);
-                }
+                publisher.publish(&envelope, replayed).await?;
                 spool.remove(&[key])?;
                 replayed += 1;
             }
         }
     }
     Ok((replayed, unreadable))
+}
+
+/// Publishes with confirms, making sure first that each exchange an event
+/// is bound for exists: publishing to a missing exchange makes the broker
+/// close the channel, which the publisher sees only as "no broker
+/// connection".
+struct Publisher<'a> {
+    broker: &'a Broker,
+    nodes: &'a Nodes,
+    default_exchange: &'a str,
+    checked: HashSet<String>,
+}
+
+impl Publisher<'_> {
+    async fn publish(&mut self, envelope: &Envelope, replayed: u64) -> anyhow::Result<()> {
+        let exchange = envelope
+            .exchange
+            .as_deref()
+            .unwrap_or(self.default_exchange);
+        if !self.checked.contains(exchange) {
+            check_exchange(self.nodes, exchange)
+                .await
+                .map_err(|e| left_in_spool(&e, replayed))?;
+            self.checked.insert(exchange.to_owned());
+        }
+        if let Err(e) = self.broker.publish_ordered(envelope).await {
+            // The broker's reason, if it has one (the exchange deleted
+            // meanwhile, say), instead of "no broker connection".
+            check_exchange(self.nodes, exchange)
+                .await
+                .map_err(|e| left_in_spool(&e, replayed))?;
+            bail!(
+                "publishing event {} failed ({e}); {replayed} events replayed, the rest stay in \
+                 the spool",
+                envelope.id
+            );
+        }
+        Ok(())
+    }
+}
+
+fn left_in_spool(e: &anyhow::Error, replayed: u64) -> anyhow::Error {
+    anyhow!("{e:#}; {replayed} events replayed, the rest stay in the spool")
 }
 
 /// Asks the broker whether `exchange` exists (a passive declare on a
