@@ -678,27 +678,15 @@ async fn spool_commands_without_a_relay_read_the_file_and_say_so() {
     };
     let out = replay(missing.clone()).await;
     assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
-    assert!(stderr.starts_with(&read_file), "{stderr}");
     assert_eq!(
-        stderr.lines().last(),
-        Some(
-            format!(
-                "error: the broker at 127.0.0.1:5672 has no exchange '{missing}' (NOT_FOUND - no \
-                 exchange '{missing}' in vhost '/'): pass the relay's exchange with --exchange (or \
-                 RELAY_EXCHANGE), or start the relay once so that it declares it; 0 events \
-                 replayed, the rest stay in the spool"
-            )
-            .as_str()
-        ),
-        "{stderr}"
+        text(&out.stderr),
+        format!(
+            "{read_file}error: the broker at 127.0.0.1:5672 has no exchange '{missing}' (NOT_FOUND \
+             - no exchange '{missing}' in vhost '/'): pass the relay's exchange with --exchange \
+             (or RELAY_EXCHANGE), or start the relay once so that it declares it; 0 events \
+             replayed, the rest stay in the spool\n"
+        )
     );
-    assert_eq!(
-        stderr.matches("NOT_FOUND").count(),
-        1,
-        "said once: {stderr}"
-    );
-    assert!(!stderr.contains("no broker connection"), "{stderr}");
     assert_eq!(text(&out.stdout), "");
 
     // The relay's exchange: every event, exact bytes, in order.

@@ -310,6 +310,10 @@ async fn via_file(
 /// `replay` without a relay: publish from the file, with confirms.
 async fn replay_file(spool: &SpoolFile, quarantine: bool, args: &BrokerArgs) -> anyhow::Result<()> {
     let nodes = Nodes::from_args(args)?;
+    // The publisher refuses to come up without --exchange: say why at once.
+    check_exchange(&nodes, &args.exchange)
+        .await
+        .map_err(|e| left_in_spool(&e, 0))?;
     let broker = Broker::new(
         BrokerConfig {
             nodes: nodes.clone(),
@@ -360,7 +364,7 @@ async fn publish_all(
         broker,
         nodes,
         default_exchange: exchange,
-        checked: HashSet::new(),
+        checked: HashSet::from([exchange.to_owned()]),
     };
     let mut replayed = 0;
     let mut unreadable = 0;
