@@ -166,7 +166,7 @@ grep "\"message_id\":\"$id\"" "$WORK/logs/tail.out" | grep -q '"routing_key":"bo
   || fail "tail printed $id without routing key book.verified"
 
 # /metrics counted the request.
-grep -q '^ocrolus_relay_requests_total{outcome="published"} 1$' <<<"$metrics_out" \
+grep -q '^ocrolus_relay_requests_total{outcome="published",source="default"} 1$' <<<"$metrics_out" \
   || fail "/metrics does not show the published request"
 
 say "ok: README quick start works in a fresh clone (relay, tail, send-test, /metrics)"

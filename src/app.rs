@@ -48,6 +48,10 @@ impl Relay {
         }
         let spool = Spool::open(config.spool.clone(), metrics.clone())?;
         let broker = Broker::new(config.broker.clone(), metrics.clone());
+        for source in &config.sources.webhooks {
+            metrics.add_source(&source.name);
+            broker.add_source(&source.name);
+        }
         let dedup = Dedup::new(&config.dedup);
         for (source, id) in spool.ids().await? {
             dedup.remember(&crate::dedup::key(&source, &id));

@@ -68,7 +68,7 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    /// Every value, for the series created at start ([`Broker::new`]).
+    /// Every value, for the series created at start ([`Broker::add_source`]).
     pub const ALL: &[Self] = &[
         Self::Nack,
         Self::Returned,
@@ -117,11 +117,6 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(config: BrokerConfig, metrics: Arc<Metrics>) -> Arc<Self> {
-        for failure in PublishError::ALL {
-            metrics
-                .publish_failures
-                .with_label_values(&[failure.as_str()]);
-        }
         Arc::new(Self {
             config,
             link: ArcSwapOption::empty(),
@@ -133,6 +128,16 @@ impl Broker {
             up: Notify::new(),
             metrics,
         })
+    }
+
+    /// Creates a configured source's publish failure series at 0 (one per
+    /// reason), so that rates and alerts work before the first failure.
+    pub fn add_source(&self, source: &str) {
+        for failure in PublishError::ALL {
+            self.metrics
+                .publish_failures
+                .with_label_values(&[failure.as_str(), source]);
+        }
     }
 
     /// True while a confirm channel is open and the broker does not block us.
@@ -241,17 +246,18 @@ impl Broker {
                 channel,
             )
             .await;
+        let source = &*envelope.source;
         match result {
             Ok(()) => {
                 self.metrics
                     .events_published
-                    .with_label_values(&[metric_label(&envelope.routing_key)])
+                    .with_label_values(&[metric_label(&envelope.routing_key), source])
                     .inc();
             }
             Err(e) => self
                 .metrics
                 .publish_failures
-                .with_label_values(&[e.as_str()])
+                .with_label_values(&[e.as_str(), source])
                 .inc(),
         }
         result

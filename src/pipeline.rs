@@ -5,7 +5,7 @@
 //! line, in exactly one place.
 
 use std::net::IpAddr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use crate::dedup::{self, Claim};
 use crate::event::Envelope;
 use crate::limits::{self, InFlight};
 use crate::log_throttle::LogThrottle;
-use crate::metrics::{Outcome, Reason};
+use crate::metrics::{NO_SOURCE, Outcome, Reason};
 use crate::outbox::Safe;
 use crate::reject::{AfterAnswer, Reject};
 use crate::state::AppState;
@@ -43,6 +43,8 @@ static REJECTED_LOG: LazyLock<LogThrottle> =
 struct Accepted {
     id: String,
     outcome: Outcome,
+    /// The source whose path it came to (the `source` label).
+    source: Arc<str>,
 }
 
 /// A request the relay said no to, and whether its body was read: an
@@ -51,6 +53,8 @@ struct Accepted {
 struct Refused {
     reject: Reject,
     body: Body,
+    /// `None` when it was refused before its path named a source.
+    source: Option<Arc<str>>,
 }
 
 enum Body {
@@ -91,6 +95,7 @@ pub async fn handle(
             let refused = Refused {
                 reject: e.into(),
                 body: Body::Unread(body),
+                source: None,
             };
             (ClientIp::new(peer), Err(refused))
         }
@@ -100,13 +105,17 @@ pub async fn handle(
         Ok(accepted) => {
             let latency = started.elapsed();
             let outcome = accepted.outcome.as_str();
-            metrics.requests.with_label_values(&[outcome]).inc();
+            metrics
+                .requests
+                .with_label_values(&[outcome, &accepted.source])
+                .inc();
             metrics
                 .request_duration
                 .with_label_values(&[outcome])
                 .observe(latency.as_secs_f64());
             info!(
                 client_ip = %client,
+                source = &*accepted.source,
                 outcome,
                 status = 200,
                 latency_ms = latency.as_secs_f64() * 1000.0,
@@ -116,7 +125,11 @@ pub async fn handle(
             let body = serde_json::json!({ "id": accepted.id, "status": outcome });
             json_response(StatusCode::OK, body.to_string(), None)
         }
-        Err(Refused { reject, body }) => {
+        Err(Refused {
+            reject,
+            body,
+            source,
+        }) => {
             let answer = reject.answer();
             let keep = http1 && answer.after == AfterAnswer::Keep && {
                 let limits = &state.config.limits;
@@ -131,7 +144,10 @@ pub async fn handle(
             };
             let latency = started.elapsed();
             let outcome = answer.outcome.as_str();
-            metrics.requests.with_label_values(&[outcome]).inc();
+            metrics
+                .requests
+                .with_label_values(&[outcome, source.as_deref().unwrap_or(NO_SOURCE)])
+                .inc();
             metrics.reject(answer.reason);
             metrics
                 .request_duration
@@ -142,6 +158,7 @@ pub async fn handle(
             if let Some(suppressed) = REJECTED_LOG.admit(answer.reason as usize) {
                 info!(
                     client_ip = %client,
+                    source = source.as_deref().unwrap_or("-"),
                     outcome,
                     reason = answer.reason.as_str(),
                     status = answer.status.as_u16(),
@@ -179,12 +196,24 @@ async fn process(
     body: Incoming,
 ) -> Result<Accepted, Refused> {
     // 3-6, before any of the body is read.
-    let (in_flight, source) = match admit(state, policy, client, &parts) {
-        Ok(admitted) => admitted,
+    let source = match route(policy, client, &parts) {
+        Ok(source) => source,
         Err(reject) => {
             return Err(Refused {
                 reject,
                 body: Body::Unread(body),
+                source: None,
+            });
+        }
+    };
+    let name = &source.destination.source;
+    let in_flight = match admit(state, client, &parts) {
+        Ok(in_flight) => in_flight,
+        Err(reject) => {
+            return Err(Refused {
+                reject,
+                body: Body::Unread(body),
+                source: Some(name.clone()),
             });
         }
     };
@@ -203,22 +232,27 @@ async fn process(
     delivered.map_err(|reject| Refused {
         reject,
         body: if body_read { Body::Read } else { Body::CutOff },
+        source: Some(name.clone()),
     })
 }
 
-/// Steps 3-6: allowlist, route to the path's source, declared size, rate
-/// limits and in-flight cap.
-fn admit<'p>(
-    state: &AppState,
+/// Steps 3-4: allowlist, then the path's source. Refusals here count under
+/// no source.
+fn route<'p>(
     policy: &'p Policy,
     client: ClientIp,
     parts: &Parts,
-) -> Result<(InFlight, &'p SourcePolicy), Reject> {
+) -> Result<&'p SourcePolicy, Reject> {
     // 3. Allowlist.
     policy.net.check(client)?;
 
     // 4. Route: the path names the source, and only its credentials count.
-    let source = policy.source(parts.uri.path()).ok_or(Reject::NotFound)?;
+    policy.source(parts.uri.path()).ok_or(Reject::NotFound)
+}
+
+/// Steps 4-6 for a routed request: method, declared size, rate limits and
+/// in-flight cap.
+fn admit(state: &AppState, client: ClientIp, parts: &Parts) -> Result<InFlight, Reject> {
     if parts.method != Method::POST {
         return Err(Reject::MethodNotAllowed);
     }
@@ -227,7 +261,7 @@ fn admit<'p>(
     let limits = &state.config.limits;
     limits::check_transfer_encoding(&parts.headers)?;
     limits::check_declared_len(&parts.headers, limits.max_body)?;
-    Ok((state.admission.admit(client)?, source))
+    Ok(state.admission.admit(client)?)
 }
 
 /// Steps 7-13 for an admitted request; `body_read` is set once the body
@@ -280,14 +314,10 @@ async fn deliver(
     let key = dedup::key(&source.name, &envelope.id);
     let claim = match state.dedup.claim(&key, digest.as_ref()).await {
         Claim::Duplicate => {
-            state
-                .metrics
-                .source_deliveries
-                .with_label_values(&[source.name.as_str(), Outcome::Duplicate.as_str()])
-                .inc();
             return Ok(Accepted {
                 id: envelope.id,
                 outcome: Outcome::Duplicate,
+                source: envelope.source,
             });
         }
         Claim::Fresh(claim) => claim,
@@ -309,14 +339,10 @@ async fn deliver(
         Safe::Published => Outcome::Published,
         Safe::Spooled => Outcome::Spooled,
     };
-    state
-        .metrics
-        .source_deliveries
-        .with_label_values(&[source.name.as_str(), outcome.as_str()])
-        .inc();
     Ok(Accepted {
         id: envelope.id,
         outcome,
+        source: envelope.source,
     })
 }
 

@@ -412,15 +412,30 @@ async fn two_sources_keep_their_paths_secrets_and_routing_apart() {
     assert_eq!(later.len(), 4, "every 200 is a message");
     let (_, _, metrics) = common::get(&format!("http://{admin}/metrics")).await;
     let metrics = String::from_utf8_lossy(&metrics).into_owned();
-    let production = common::metric_value(
-        &metrics,
-        r#"ocrolus_relay_source_deliveries_total{outcome="published",source="production"}"#,
+    let count = |outcome: &str, source: &str| {
+        common::metric_value(
+            &metrics,
+            &format!(r#"ocrolus_relay_requests_total{{outcome="{outcome}",source="{source}"}}"#),
+        )
+    };
+    assert_eq!(
+        (
+            count("published", "production"),
+            count("published", "sandbox")
+        ),
+        (2.0, 4.0),
+        "{metrics}"
     );
-    let sandbox = common::metric_value(
-        &metrics,
-        r#"ocrolus_relay_source_deliveries_total{outcome="published",source="sandbox"}"#,
+    // The two cross-source deliveries and the retired secret: 401 each,
+    // counted under the source whose path they came to.
+    assert_eq!(
+        (
+            count("unauthorized", "production"),
+            count("unauthorized", "sandbox")
+        ),
+        (1.0, 2.0),
+        "{metrics}"
     );
-    assert_eq!((production, sandbox), (2.0, 4.0), "{metrics}");
 
     let _ = child.kill().await;
     broker.delete_queue(&queue).await;

@@ -455,13 +455,13 @@ async fn whole_request_deadline_bounds_a_request_whatever_it_waits_for() {
     );
     assert_eq!(
         relay
-            .metric(r#"ocrolus_relay_requests_total{outcome="deadline"}"#)
+            .metric(r#"ocrolus_relay_requests_total{outcome="deadline",source="default"}"#)
             .await,
         1.0
     );
     assert_eq!(
         relay
-            .metric(r#"ocrolus_relay_requests_total{outcome="timeout"}"#)
+            .metric(r#"ocrolus_relay_requests_total{outcome="timeout",source="default"}"#)
             .await,
         0.0
     );

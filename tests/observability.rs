@@ -220,7 +220,14 @@ async fn each_request_counts_once_under_its_outcome() {
         ("unavailable", 0.0),
     ];
     for (outcome, n) in outcomes {
-        let series = format!(r#"ocrolus_relay_requests_total{{outcome="{outcome}"}}"#);
+        // Refused before routing: no source; every other one: its source.
+        let source = if matches!(outcome, "forbidden" | "not_found") {
+            ""
+        } else {
+            "default"
+        };
+        let series =
+            format!(r#"ocrolus_relay_requests_total{{outcome="{outcome}",source="{source}"}}"#);
         assert_eq!(scrapes.delta(&series), n, "{series}\n{}", scrapes.after);
         let count =
             format!(r#"ocrolus_relay_request_duration_seconds_count{{outcome="{outcome}"}}"#);
@@ -275,11 +282,13 @@ async fn published_events_count_by_known_name_or_other() {
     let (scrapes, _) = Scrapes::around(&relay, mixed_traffic(&relay)).await;
 
     assert_eq!(
-        scrapes.delta(r#"ocrolus_relay_events_published_total{event="book.verified"}"#),
+        scrapes.delta(
+            r#"ocrolus_relay_events_published_total{event="book.verified",source="default"}"#
+        ),
         2.0
     );
     assert_eq!(
-        scrapes.delta(r#"ocrolus_relay_events_published_total{event="other"}"#),
+        scrapes.delta(r#"ocrolus_relay_events_published_total{event="other",source="default"}"#),
         1.0
     );
     assert!(
@@ -323,7 +332,7 @@ async fn a_client_outside_the_allowlist_counts_as_forbidden_not_allowlisted() {
     .await;
     assert_eq!(status, 403);
     assert_eq!(
-        scrapes.delta(r#"ocrolus_relay_requests_total{outcome="forbidden"}"#),
+        scrapes.delta(r#"ocrolus_relay_requests_total{outcome="forbidden",source=""}"#),
         1.0
     );
     assert_eq!(

@@ -222,7 +222,7 @@ async fn second_secret_is_accepted_wrong_ones_are_not() {
     assert_eq!(got.len(), 1, "only the good delivery was published");
     assert_eq!(
         relay
-            .metric(r#"ocrolus_relay_requests_total{outcome="unauthorized"}"#)
+            .metric(r#"ocrolus_relay_requests_total{outcome="unauthorized",source="default"}"#)
             .await,
         8.0
     );
@@ -355,7 +355,7 @@ async fn unroutable_event_without_alternate_exchange_is_not_200() {
     assert!(headers.contains_key("retry-after"));
     assert_eq!(
         relay
-            .metric(r#"ocrolus_relay_publish_failures_total{reason="returned"}"#)
+            .metric(r#"ocrolus_relay_publish_failures_total{reason="returned",source="default"}"#)
             .await,
         1.0
     );

@@ -252,10 +252,76 @@ async fn each_source_publishes_to_its_exchange_with_its_name() {
             .is_empty()
     );
 
+    // A path no source has: 404, counted under no source.
+    assert_eq!(
+        post(&relay, "/webhooks/nobody", SANDBOX_SECRET, &sent[1].3)
+            .await
+            .0,
+        404
+    );
+    assert_metrics_per_source(&relay).await;
+
     drop(relay);
     broker.delete_queue(&main_queue).await;
     broker.delete_queue(&shared_queue).await;
     exchanges.delete(&broker).await;
+}
+
+/// Each source's requests and publishes count under its name; the `source`
+/// label holds configured names only (empty, which Prometheus drops, for
+/// requests refused before routing); every source's series exist from the
+/// start.
+async fn assert_metrics_per_source(relay: &RelayBinary) {
+    let (status, _, text) = common::get(&format!("http://{}/metrics", relay.admin)).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let value = |series: &str| common::metric_value(&text, series);
+    for source in ["production", "sandbox", "staging"] {
+        assert_eq!(
+            value(&format!(
+                r#"ocrolus_relay_requests_total{{outcome="published",source="{source}"}}"#
+            )),
+            1.0,
+            "{source}\n{text}"
+        );
+        assert_eq!(
+            value(&format!(
+                r#"ocrolus_relay_events_published_total{{event="book.verified",source="{source}"}}"#
+            )),
+            1.0,
+            "{source}"
+        );
+        for series in [
+            format!(r#"ocrolus_relay_requests_total{{outcome="unavailable",source="{source}"}} 0"#),
+            format!(r#"ocrolus_relay_publish_failures_total{{reason="nack",source="{source}"}} 0"#),
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "created at start: {series}"
+            );
+        }
+    }
+    assert_eq!(
+        value(r#"ocrolus_relay_requests_total{outcome="unauthorized",source="staging"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"ocrolus_relay_requests_total{outcome="unauthorized",source="sandbox"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(r#"ocrolus_relay_requests_total{outcome="not_found",source=""}"#),
+        1.0
+    );
+    let mut labels: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once("source=\"")?.1.split_once('"'))
+        .map(|(value, _)| value)
+        .collect();
+    labels.sort_unstable();
+    labels.dedup();
+    assert_eq!(labels, ["", "production", "sandbox", "staging"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

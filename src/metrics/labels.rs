@@ -45,6 +45,14 @@ label_values! {
     }
 }
 
+impl Outcome {
+    /// Refused before the path named a source (steps 2-4): such requests
+    /// count under no `source`, all others under their source's name.
+    pub fn before_routing(self) -> bool {
+        matches!(self, Self::Forbidden | Self::NotFound)
+    }
+}
+
 label_values! {
     /// `reason` of `rejections_total`: the precise cause of a refused
     /// request or connection, logged and counted, never sent back.

@@ -13,15 +13,19 @@ pub use labels::{ConnectFailureReason, Outcome, Reason, ReloadResult, Unclassifi
 
 const PREFIX: &str = "ocrolus_relay";
 
+/// The `source` of a request refused before its path named a source (403
+/// from the allowlist, 404). Empty: Prometheus stores such a series without
+/// the label, so `source` only ever holds configured names.
+pub const NO_SOURCE: &str = "";
+
 pub struct Metrics {
     registry: Registry,
     /// The process collector's standard, unprefixed `process_*` series
     /// (what every exporter's dashboards expect).
     process: Registry,
+    /// By `outcome` and `source`: a configured source's name, or
+    /// [`NO_SOURCE`] for requests refused before their path named one.
     pub requests: IntCounterVec,
-    /// Accepted deliveries per configured source (the label's values are
-    /// the source names of the configuration, so it stays bounded).
-    pub source_deliveries: IntCounterVec,
     pub rejections: IntCounterVec,
     pub request_duration: HistogramVec,
     pub events_published: IntCounterVec,
@@ -72,14 +76,8 @@ impl Metrics {
             requests: counter_vec(
                 r,
                 "requests_total",
-                "Webhook requests by outcome.",
-                &["outcome"],
-            ),
-            source_deliveries: counter_vec(
-                r,
-                "source_deliveries_total",
-                "Deliveries answered 200, by configured source and outcome.",
-                &["source", "outcome"],
+                "Webhook requests by outcome and configured source (none before routing).",
+                &["outcome", "source"],
             ),
             rejections: counter_vec(
                 r,
@@ -96,8 +94,8 @@ impl Metrics {
             events_published: counter_vec(
                 r,
                 "events_published_total",
-                "Events confirmed by the broker, by event (known names or other).",
-                &["event"],
+                "Events confirmed by the broker, by event (known names or other) and source.",
+                &["event", "source"],
             ),
             confirm_duration: histogram(
                 r,
@@ -107,8 +105,8 @@ impl Metrics {
             publish_failures: counter_vec(
                 r,
                 "publish_failures_total",
-                "Publishes that were not confirmed, by reason.",
-                &["reason"],
+                "Publishes that were not confirmed, by reason and source.",
+                &["reason", "source"],
             ),
             unclassified: counter_vec(
                 r,
@@ -219,8 +217,8 @@ impl Metrics {
         };
         // Known label values start at 0, so a series exists (and rate() and
         // alerts work) before the first event of its kind.
-        for outcome in Outcome::ALL {
-            m.requests.with_label_values(&[outcome.as_str()]);
+        for outcome in Outcome::ALL.iter().filter(|o| o.before_routing()) {
+            m.requests.with_label_values(&[outcome.as_str(), NO_SOURCE]);
         }
         for reason in Reason::ALL {
             m.rejections.with_label_values(&[reason.as_str()]);
@@ -247,6 +245,15 @@ impl Metrics {
         // A relay only runs after its configuration loaded.
         m.config_last_reload_ok.set(1);
         m
+    }
+
+    /// Creates a configured source's request series at 0, like the other
+    /// known label values (the publish series are the broker's:
+    /// `Broker::add_source`).
+    pub fn add_source(&self, source: &str) {
+        for outcome in Outcome::ALL.iter().filter(|o| !o.before_routing()) {
+            self.requests.with_label_values(&[outcome.as_str(), source]);
+        }
     }
 
     /// Counts a refused request or connection by its precise reason.
@@ -352,14 +359,18 @@ mod tests {
     #[test]
     fn every_metric_registers_with_the_prefix() {
         let m = Metrics::new();
-        m.requests.with_label_values(&["published"]).inc();
+        m.requests
+            .with_label_values(&["published", "default"])
+            .inc();
         m.request_duration
             .with_label_values(&["published"])
             .observe(0.01);
         m.events_published
-            .with_label_values(&["book.verified"])
+            .with_label_values(&["book.verified", "default"])
             .inc();
-        m.publish_failures.with_label_values(&["nack"]).inc();
+        m.publish_failures
+            .with_label_values(&["nack", "default"])
+            .inc();
         m.rejections.with_label_values(&["bad_signature"]).inc();
         m.config_reloads.with_label_values(&["success"]).inc();
         let text = String::from_utf8(m.render()).expect("utf8");
