@@ -111,7 +111,8 @@ def main() -> int:
             ch.basic_publish(exchange, key, body, pika.BasicProperties(
                 delivery_mode=2, content_type="application/json", message_id=message_id,
                 timestamp=int(time.time()), app_id="ocrolus-relay", type=key,
-                headers={"x-ocrolus-event": event, "x-relay-client-ip": "127.0.0.1",
+                headers={"x-ocrolus-event": event, "x-ocrolus-source": "default",
+                         "x-relay-client-ip": "127.0.0.1",
                          "x-relay-received-at": "2026-01-01T00:00:00Z"}), mandatory=True)
 
         widget = (EXAMPLES / "widget-quickstart-document-verification-succeeded.json").read_bytes()

@@ -103,6 +103,7 @@ LEGACY_STATUS_MAP: dict[str, str] = {
 
 # Example headers for the examples (what the relay would add).
 EXAMPLE_HEADER_COMMON = {
+    "x-ocrolus-source": "production",
     "x-ocrolus-timestamp": "1767225600",
     "x-relay-client-ip": "18.205.30.63",
     "x-relay-received-at": "2026-01-01T00:00:01.250Z",
@@ -227,8 +228,8 @@ organization-level, account-level and legacy deliveries alike.
   (a fresh UUIDv7 when an unsigned delivery carries none),
   `timestamp` = receive time (Unix seconds), `app_id` `ocrolus-relay`, `type` =
   the routing key (see `x-ocrolus-amqp-properties`);
-* headers: `x-ocrolus-event`, `x-ocrolus-timestamp`, `x-relay-client-ip`,
-  `x-relay-received-at` (schema `RelayHeaders`);
+* headers: `x-ocrolus-event`, `x-ocrolus-source`, `x-ocrolus-timestamp`,
+  `x-relay-client-ip`, `x-relay-received-at` (schema `RelayHeaders`);
 * published with `mandatory` set and publisher confirms.
 
 ## Topology
@@ -239,6 +240,12 @@ durable fanout exchange with a durable queue of the same name bound to it: an
 event that matches no binding (for example a new Ocrolus event type nobody
 subscribed to yet) is kept there instead of being dropped. See
 docs/subscribers.md for binding patterns, delivery guarantees and replay.
+
+One relay can serve several Ocrolus webhooks ("sources"). Each message names
+its source in `x-ocrolus-source`. A source may have an exchange of its own
+(a durable topic exchange declared the same way, with the same alternate
+exchange; sources may share one): its messages, with the same routing keys,
+properties and headers, go there instead of `ocrolus.events`.
 
 Topic bindings match whole dot-separated words: `*` is exactly one word and
 `#` zero or more words. `book.analytics_*` is NOT a wildcard (it matches only
@@ -342,7 +349,7 @@ RELAY_HEADERS = {
     "type": "object",
     "title": "RelayHeaders",
     "description": "AMQP message headers (application headers table) set by the relay.",
-    "required": ["x-relay-client-ip", "x-relay-received-at"],
+    "required": ["x-ocrolus-source", "x-relay-client-ip", "x-relay-received-at"],
     "additionalProperties": True,
     "properties": {
         "x-ocrolus-event": {
@@ -364,6 +371,13 @@ RELAY_HEADERS = {
                            "that id was already delivered with a different body: the original id. This "
                            "message has its own message_id ('<id> conflict:<16 hex digits of the body's "
                            "SHA-256>') so that consumers de-duplicating on message_id keep it.",
+        },
+        "x-ocrolus-source": {
+            "type": "string",
+            "pattern": "^[a-z0-9_-]{1,32}$",
+            "description": "The configured source (Ocrolus webhook) whose path the delivery came to: a name "
+                           "from the relay's `sources:` list, or `default` when the relay serves one webhook. "
+                           "Kept through the spool: a spooled event keeps its source.",
         },
         "x-ocrolus-timestamp": {
             "type": "string",

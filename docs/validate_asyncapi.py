@@ -213,9 +213,11 @@ def main(argv: list[str]) -> int:
             and props.get("content_type", {}).get("value") == "application/json"
             and props.get("app_id", {}).get("value") == "ocrolus-relay", "x-ocrolus-amqp-properties")
     hdrs = doc["components"]["schemas"]["RelayHeaders"]["properties"]
-    c.check(sorted(hdrs) == ["x-ocrolus-event", "x-ocrolus-timestamp", "x-relay-client-ip",
-                             "x-relay-dedup-conflict", "x-relay-received-at",
-                             "x-relay-unclassified"], "RelayHeaders lists the six headers")
+    c.check(sorted(hdrs) == ["x-ocrolus-event", "x-ocrolus-source", "x-ocrolus-timestamp",
+                             "x-relay-client-ip", "x-relay-dedup-conflict", "x-relay-received-at",
+                             "x-relay-unclassified"], "RelayHeaders lists the seven headers")
+    c.check("x-ocrolus-source" in doc["components"]["schemas"]["RelayHeaders"].get("required", []),
+            "every message carries x-ocrolus-source")
     c.check(hdrs.get("x-relay-unclassified", {}).get("enum")
             == ["not_an_object", "no_event", "unknown_status", "bad_event_name",
                 "number_out_of_range", "lone_surrogate", "unreadable_fields"],

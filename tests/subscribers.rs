@@ -24,6 +24,69 @@ fn asyncapi() -> Value {
     serde_saphyr::from_str(&text).expect("docs/asyncapi.yaml parses as YAML")
 }
 
+/// Every header the relay can set (on a message that has them all: signed,
+/// unclassified, a de-duplication conflict) is documented in `RelayHeaders`,
+/// and the ones on every message are required there.
+#[test]
+fn asyncapi_lists_every_header_the_relay_sets() {
+    let doc = asyncapi();
+    let schema = &doc["components"]["schemas"]["RelayHeaders"];
+    let documented: Vec<&str> = schema["properties"]
+        .as_object()
+        .expect("RelayHeaders.properties")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let required: Vec<&str> = schema["required"]
+        .as_array()
+        .expect("RelayHeaders.required")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut envelope = ocrolus_relay::Envelope {
+        id: "01a21806-29ba-7590-a62f-a3807c176be2".into(),
+        routing_key: "ocrolus.unclassified".into(),
+        event_name: String::new(),
+        ocrolus_timestamp: Some("1767225600".into()),
+        client_ip: "18.205.30.63".into(),
+        received_at_ms: 1_767_225_600_500,
+        body: bytes::Bytes::from_static(b"[]"),
+        source: "sandbox".into(),
+        exchange: None,
+    };
+    envelope.mark_dedup_conflict(&[7; 32]);
+    let full = ocrolus_relay::properties(&envelope);
+    let set: Vec<String> = full
+        .headers()
+        .as_ref()
+        .expect("headers")
+        .inner()
+        .keys()
+        .map(|k| k.as_str().to_owned())
+        .collect();
+    assert_eq!(set.len(), 6, "{set:?}");
+    for name in &set {
+        assert!(
+            documented.contains(&name.as_str()),
+            "{name} is not in RelayHeaders"
+        );
+    }
+    assert!(required.contains(&"x-ocrolus-source"), "{required:?}");
+    // The plainest message (unsigned, classified) still has every required one.
+    envelope.ocrolus_timestamp = None;
+    envelope.id = "plain".into();
+    envelope.routing_key = "book.verified".into();
+    envelope.event_name = "book.verified".into();
+    let plain = ocrolus_relay::properties(&envelope);
+    let plain = plain.headers().as_ref().expect("headers").inner();
+    for name in &required {
+        assert!(
+            plain.contains_key(*name),
+            "{name} missing from a plain message"
+        );
+    }
+}
+
 #[test]
 fn asyncapi_routing_tables_match_the_relay() {
     let doc = asyncapi();
