@@ -2,8 +2,9 @@
 //! `/livez`, `/readyz`, and for `ocrolus rotate-secret`: `POST /reload`
 //! (same as SIGHUP, but answers whether it worked) and `GET /secrets` (per
 //! source, the count and fingerprints of the loaded secrets, never their
-//! values). `/spool`, `/spool/events` and `POST /spool/drain` let an
-//! operator see and drain the spool while the relay runs ([`spool`]).
+//! values). `/spool`, `/spool/events`, `POST /spool/drain` and
+//! `POST /spool/quarantine/requeue` let an operator see and drain the spool
+//! while the relay runs ([`spool`]).
 //! Nothing of it is reachable on the public port.
 
 use std::convert::Infallible;
@@ -79,7 +80,11 @@ async fn route(state: &AppState, req: &Request<Incoming>) -> Response<Full<Bytes
             let (status, body) = spool::drain(state);
             json(status, body)
         }
-        "/spool/drain" => json(
+        "/spool/quarantine/requeue" if req.method() == Method::POST => {
+            let (status, body) = spool::requeue(state, req.uri().query()).await;
+            json(status, body)
+        }
+        "/spool/drain" | "/spool/quarantine/requeue" => json(
             StatusCode::METHOD_NOT_ALLOWED,
             serde_json::json!({ "error": "use POST" }),
         ),

@@ -310,6 +310,90 @@ async fn poison_that_cannot_be_dead_lettered_is_quarantined() {
     relay.finish(&broker, &[&queue]).await;
 }
 
+/// The operator's way back for a quarantined event, while the relay runs:
+/// `spool list --quarantine` shows it (no body), the missing binding is
+/// added, `spool replay --quarantine` has the relay deliver it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quarantined_event_is_replayed_through_the_running_relay() {
+    require_broker!();
+    let proxy = FaultProxy::start("127.0.0.1:5672").await;
+    let relay = TestRelay::start(RelayOptions {
+        amqp_url: proxy.url(),
+        extra: flags(&["--alternate-exchange", ""]),
+        ..RelayOptions::default()
+    })
+    .await;
+    let broker = TestBroker::connect().await;
+    let queue = broker.bind_queue(&relay.exchange, "book.verified").await;
+    let run = unique("requeue");
+    let poison = (new_id(), poison_body(&run));
+    let (victims, _) =
+        spool_poison_then_victims(&relay, &proxy, (&poison.0, &poison.1), &run).await;
+    assert!(relay.wait_broker_up(EVENTUALLY).await);
+    broker.delete_queue(&relay.dead_letter).await;
+    assert_exact(
+        &collect(&broker, &queue, &victims, PROMPTLY).await,
+        &victims,
+    );
+    let spool = &relay.relay().state().outbox.spool;
+    let started = Instant::now();
+    while spool.stats().quarantined == 0 && started.elapsed() < EVENTUALLY {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = relay.admin.to_string();
+
+    let listed = run_binary(
+        &["spool", "list", "--quarantine", "--admin-listen", &admin],
+        &[],
+    )
+    .await;
+    assert_eq!(listed.status.code(), Some(0));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"]["id"], poison.0.as_str());
+    assert_eq!(lines[0]["readable"], true);
+    assert!(
+        lines[0]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("returned")
+    );
+    assert!(lines[0].get("raw_base64").is_none() && lines[0]["event"].get("body").is_none());
+
+    let everything = broker.bind_queue(&relay.exchange, "#").await;
+    let replay = run_binary(
+        &["spool", "replay", "--quarantine", "--admin-listen", &admin],
+        &[],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    assert_eq!(replay.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("spool: 1 quarantined events moved back into the spool"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&replay.stdout).expect("summary");
+    assert_eq!(
+        (
+            &summary["requeued"],
+            &summary["left"],
+            &summary["quarantined"]
+        ),
+        (&1.into(), &0.into(), &0.into()),
+        "{summary}"
+    );
+    let want = HashMap::from([(poison.0.clone(), poison.1.clone())]);
+    assert_exact(&collect(&broker, &everything, &want, PROMPTLY).await, &want);
+    let stats = spool.stats();
+    assert_eq!((stats.messages, stats.quarantined), (0, 0), "{stats:?}");
+
+    broker.delete_queue(&everything).await;
+    relay.finish(&broker, &[&queue]).await;
+}
+
 // ---------------------------------------------------------------------------
 // Item 3: unreadable records and files, with the real binary (its logs and
 // CPU time are what the defect was about).

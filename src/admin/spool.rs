@@ -9,6 +9,9 @@
 //!   thread like the drainer's reads, so the cost is bounded by `N`.
 //! - `POST /spool/drain`: wakes the drainer for a round now and says what
 //!   it is doing.
+//! - `POST /spool/quarantine/requeue?limit=N`: moves up to `N` readable
+//!   quarantined records back into the spool, under their own keys (so in
+//!   arrival order), for the drainer to deliver; unreadable ones stay.
 //!
 //! Event bodies are customer data and the admin listener has no
 //! authentication (it is loopback by default, but often opened for
@@ -147,6 +150,35 @@ pub async fn events(state: &AppState, query: Option<&str>) -> Result<String, (St
         )
     })?;
     Ok(lines.iter().map(|l| format!("{l}\n")).collect())
+}
+
+/// `POST /spool/quarantine/requeue?limit=N`: moves up to `N` readable
+/// quarantined records back into the spool and wakes the drainer.
+pub async fn requeue(state: &AppState, query: Option<&str>) -> (StatusCode, Value) {
+    let mut limit = MAX_LIMIT;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("limit", value)) => match value.parse() {
+                Ok(n) if (1..=MAX_LIMIT).contains(&n) => limit = n,
+                _ => return bad_request(format!("limit must be a number from 1 to {MAX_LIMIT}")),
+            },
+            _ => return bad_request(format!("unknown parameter {pair:?}")),
+        }
+    }
+    match state.outbox.spool.requeue_quarantined(limit).await {
+        Ok(moved) => (
+            StatusCode::OK,
+            json!({ "requeued": moved, "spool": stats(state) }),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": format!("spool write failed: {e}") }),
+        ),
+    }
 }
 
 /// `POST /spool/drain`: 202 while the drainer works on a non-empty spool,

@@ -11,9 +11,10 @@
 //!
 //! `--quarantine` lists or replays the quarantine table: records the relay
 //! took out of the drain (unreadable, or refused by the broker and not
-//! dead-lettered), which only an operator brings back. Replaying them needs
-//! the file, so it is refused while the relay runs, with what to do: the
-//! quarantined events are safe meanwhile, nothing drains or drops them.
+//! dead-lettered), which only an operator brings back. With a running
+//! relay, `replay --quarantine` has it move the readable ones back into the
+//! spool (`POST /spool/quarantine/requeue`), where its drainer delivers
+//! them in arrival order, or refuses and dead-letters them again.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -85,9 +86,8 @@ pub enum SpoolAction {
     /// does it (the file is not opened); otherwise publish from the file with
     /// confirms, removing each confirmed event.
     Replay {
-        /// Replay the readable records of the quarantine table instead
-        /// (unreadable ones stay, listed by `list --quarantine`). Needs the
-        /// relay stopped.
+        /// Replay the readable records of the quarantine table too
+        /// (unreadable ones stay, listed by `list --quarantine`).
         #[arg(long)]
         quarantine: bool,
         /// With a running relay, give up waiting for the spool to empty after
@@ -214,21 +214,22 @@ async fn via_relay(addr: SocketAddr, stats: Value, action: SpoolAction) -> anyho
             print!("{body}");
         }
         SpoolAction::Replay {
-            quarantine: true, ..
-        } => bail!(
-            "the relay at {addr} is running and owns the spool file; quarantined events are \
-             replayed from the file: stop the relay, run `ocrolus-relay spool replay --quarantine` \
-             with the relay's broker flags, start it again. Quarantined events are safe meanwhile \
-             (nothing drains or drops them)"
-        ),
-        SpoolAction::Replay { timeout, .. } => drain_now(addr, &stats, timeout).await?,
+            quarantine,
+            timeout,
+        } => drain_now(addr, &stats, quarantine, timeout).await?,
     }
     Ok(())
 }
 
-/// `replay` with a running relay: `POST /spool/drain`, then wait until the
-/// relay's spool is empty.
-async fn drain_now(addr: SocketAddr, before: &Value, timeout: Duration) -> anyhow::Result<()> {
+/// `replay` with a running relay: `POST /spool/drain` (and for
+/// `--quarantine`, `POST /spool/quarantine/requeue` until nothing readable
+/// is left there), then wait until the relay's spool is empty.
+async fn drain_now(
+    addr: SocketAddr,
+    before: &Value,
+    quarantine: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let count = |v: &Value, field: &str| v[field].as_u64().unwrap_or_default();
     let reply = admin_client::post(addr, "/spool/drain", ADMIN_TIMEOUT).await?;
     let answer: Value = serde_json::from_slice(&reply.body).unwrap_or_default();
@@ -247,9 +248,32 @@ async fn drain_now(addr: SocketAddr, before: &Value, timeout: Duration) -> anyho
             String::from_utf8_lossy(&reply.body)
         );
     }
+    let mut requeued = 0;
+    if quarantine {
+        let path = format!("/spool/quarantine/requeue?limit={MAX_LIMIT}");
+        loop {
+            let reply = admin_client::post(addr, &path, ADMIN_TIMEOUT).await?;
+            let answer: Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+            if reply.status != StatusCode::OK {
+                bail!(
+                    "POST http://{addr}{path} answered {}: {answer}; {requeued} quarantined \
+                     events were moved back into the spool before",
+                    reply.status
+                );
+            }
+            let moved = count(&answer, "requeued");
+            requeued += moved;
+            // Fewer than asked: nothing readable is left. Not "until 0":
+            // events refused again may return to quarantine meanwhile.
+            if moved < MAX_LIMIT as u64 {
+                break;
+            }
+        }
+        eprintln!("spool: {requeued} quarantined events moved back into the spool");
+    }
     eprintln!(
         "spool: the relay drains {} spooled events now",
-        count(&answer["spool"], "messages")
+        count(&answer["spool"], "messages") + requeued
     );
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -257,11 +281,19 @@ async fn drain_now(addr: SocketAddr, before: &Value, timeout: Duration) -> anyho
         let drained = count(&now, "drained_total").saturating_sub(count(before, "drained_total"));
         let left = count(&now, "messages");
         if left == 0 {
-            println!(
-                "{}",
-                json!({ "replayed_by": "relay", "drained": drained, "left": 0,
-                        "quarantined": count(&now, "quarantined") })
-            );
+            let quarantined = count(&now, "quarantined");
+            let mut summary = json!({ "replayed_by": "relay", "drained": drained, "left": 0,
+                                      "quarantined": quarantined });
+            if quarantine {
+                summary["requeued"] = requeued.into();
+            }
+            println!("{summary}");
+            if quarantined > 0 {
+                eprintln!(
+                    "spool: {quarantined} records are in quarantine (unreadable, or refused \
+                     again): `ocrolus-relay spool list --quarantine` says why"
+                );
+            }
             return Ok(());
         }
         if now["broker_up"] == false {

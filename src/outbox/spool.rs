@@ -236,6 +236,19 @@ impl Spool {
         self.submit(|done| Op::ReadQuarantine(limit, done)).await
     }
 
+    /// Moves up to `limit` readable quarantined records back into the
+    /// spool (an operator fixed what refused them) and wakes the drainer;
+    /// returns how many moved. They count in the spool again, beyond its
+    /// bounds if need be: they are on disk already.
+    pub async fn requeue_quarantined(&self, limit: usize) -> Result<u64, SpoolError> {
+        let result = self.submit(|done| Op::Requeue(limit, done)).await;
+        if matches!(result, Ok(moved) if moved > 0) {
+            self.spooled.notify_one();
+        }
+        self.refresh_gauges();
+        result
+    }
+
     /// Resolves once an event was appended since the last call.
     pub async fn appended(&self) {
         self.spooled.notified().await;

@@ -46,6 +46,10 @@ pub(super) enum Op {
     },
     /// The oldest `n` quarantined records.
     ReadQuarantine(usize, Reply<Vec<Quarantined>>),
+    /// Moves up to `n` readable quarantined records back into the spool,
+    /// under their own keys, so the drainer tries them again in arrival
+    /// order. Answers how many moved. Its own transaction.
+    Requeue(usize, Reply<u64>),
     /// Every spooled delivery id with its source, decoded without the bodies.
     Ids(Reply<Vec<(String, String)>>),
     /// Close the database and stop: later operations fail with `Closed`.
@@ -227,6 +231,53 @@ fn read_quarantine(db: &Database, limit: usize) -> Result<Vec<Quarantined>, redb
     Ok(out)
 }
 
+/// What [`requeue`] moved back into the spool.
+struct Requeued {
+    events: u64,
+    bytes: u64,
+    /// The oldest spooled event afterwards.
+    oldest_ms: Option<i64>,
+}
+
+/// Moves up to `limit` readable quarantined records back into `records`
+/// under the keys they had (quarantine keeps them), so they rejoin the
+/// spool in arrival order. Unreadable ones stay. The spool's bounds are
+/// not applied: the records are on disk already.
+fn requeue(db: &Database, limit: usize) -> Result<Requeued, redb::Error> {
+    let txn = db.begin_write()?;
+    let mut moved = Requeued {
+        events: 0,
+        bytes: 0,
+        oldest_ms: None,
+    };
+    {
+        let mut records = txn.open_table(RECORDS)?;
+        let mut quarantine = txn.open_table(QUARANTINE)?;
+        let mut back = Vec::new();
+        for row in quarantine.iter()? {
+            if back.len() >= limit {
+                break;
+            }
+            let (key, value) = row?;
+            let entry = decode_quarantine(key.value(), value.value());
+            if entry.envelope.is_some() {
+                back.push((entry.seq, entry.record));
+            }
+        }
+        for (key, record) in back {
+            records.insert(key, record.as_slice())?;
+            quarantine.remove(key)?;
+            moved.events += 1;
+            moved.bytes += record.len() as u64;
+        }
+        moved.oldest_ms = records
+            .first()?
+            .and_then(|(_, v)| RecordHead::decode(v.value()).map(|h| h.received_at_ms));
+    }
+    txn.commit()?;
+    Ok(moved)
+}
+
 fn read_ids(db: &Database) -> Result<Vec<(String, String)>, redb::Error> {
     let txn = db.begin_read()?;
     let table = txn.open_table(RECORDS)?;
@@ -264,7 +315,12 @@ impl Store {
                         close = Some(done);
                         break;
                     }
-                    op @ (Op::Read { .. } | Op::ReadQuarantine(..) | Op::Ids(_)) => reads.push(op),
+                    op @ (Op::Read { .. }
+                    | Op::ReadQuarantine(..)
+                    | Op::Ids(_)
+                    | Op::Requeue(..)) => {
+                        reads.push(op);
+                    }
                     write => writes.push(write),
                 }
                 if writes.len() < MAX_BATCH {
@@ -311,6 +367,28 @@ impl Store {
             Op::Ids(done) => {
                 let result = self.open().and_then(read_ids);
                 let _ = done.send(result.map_err(|e| self.failed(e)));
+            }
+            Op::Requeue(limit, done) => {
+                let result = self.open().and_then(|db| requeue(db, limit));
+                let result = match result {
+                    Ok(moved) => {
+                        let mut s = stats.lock().unwrap_or_else(PoisonError::into_inner);
+                        s.messages += moved.events;
+                        s.bytes += moved.bytes;
+                        s.quarantined = s.quarantined.saturating_sub(moved.events);
+                        s.quarantined_bytes = s.quarantined_bytes.saturating_sub(moved.bytes);
+                        if moved.events > 0 {
+                            s.oldest_ms = moved.oldest_ms;
+                        }
+                        Ok(moved.events)
+                    }
+                    Err(e) => {
+                        error!(error = %e, "moving quarantined records back into the spool failed");
+                        self.metrics.spool_errors.inc();
+                        Err(self.failed(e))
+                    }
+                };
+                let _ = done.send(result);
             }
             Op::Append(..) | Op::Remove(..) | Op::Quarantine(..) | Op::Close(_) => {}
         }
@@ -379,7 +457,11 @@ impl Store {
                 Op::Remove(_, done) | Op::Quarantine(_, done) => {
                     let _ = done.send(result.clone());
                 }
-                Op::Read { .. } | Op::ReadQuarantine(..) | Op::Ids(_) | Op::Close(_) => {}
+                Op::Read { .. }
+                | Op::ReadQuarantine(..)
+                | Op::Ids(_)
+                | Op::Requeue(..)
+                | Op::Close(_) => {}
             }
         }
     }
@@ -483,7 +565,11 @@ fn apply(txn: &WriteTransaction, batch: &[Op], next_key: &mut u64) -> Result<Del
                     delta.quarantined_bytes += raw.len() as u64;
                 }
             }
-            Op::Read { .. } | Op::ReadQuarantine(..) | Op::Ids(_) | Op::Close(_) => {}
+            Op::Read { .. }
+            | Op::ReadQuarantine(..)
+            | Op::Ids(_)
+            | Op::Requeue(..)
+            | Op::Close(_) => {}
         }
     }
     if any_left {

@@ -477,3 +477,53 @@ fn format_3_layout_is_pinned() {
         "trailing byte"
     );
 }
+
+#[tokio::test]
+async fn quarantined_records_requeue_in_arrival_order_with_exact_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool =
+        Spool::open(config(dir.path(), 100, 1 << 20), Arc::new(Metrics::new())).expect("open");
+    for i in 0..4 {
+        spool.append(&envelope(i)).await.expect("append");
+    }
+    let all = spool.stats();
+    let keys: Vec<u64> = spool
+        .peek(10)
+        .await
+        .expect("peek")
+        .iter()
+        .map(|(k, _)| *k)
+        .collect();
+    spool
+        .quarantine(vec![
+            (keys[0], "refused".into()),
+            (keys[2], "refused".into()),
+        ])
+        .await
+        .expect("quarantine");
+    let split = spool.stats();
+    assert_eq!((split.messages, split.quarantined), (2, 2));
+    assert_eq!(split.oldest_ms, Some(1_767_225_600_001));
+
+    assert_eq!(spool.requeue_quarantined(1).await.expect("requeue"), 1);
+    let one = spool.stats();
+    assert_eq!((one.messages, one.quarantined), (3, 1));
+    assert_eq!(
+        one.oldest_ms,
+        Some(1_767_225_600_000),
+        "the oldest is back first"
+    );
+    assert_eq!(spool.requeue_quarantined(10).await.expect("requeue"), 1);
+    assert_eq!(spool.requeue_quarantined(10).await.expect("requeue"), 0);
+    assert_eq!(spool.stats(), all, "counts as before the quarantine");
+    let events = spool.peek(10).await.expect("peek");
+    let back: Vec<Envelope> = events.into_iter().map(|(_, e)| e).collect();
+    assert_eq!(
+        back,
+        (0..4).map(envelope).collect::<Vec<_>>(),
+        "arrival order, exact"
+    );
+    drop(spool);
+    let reopened = reopen(dir.path()).await;
+    assert_eq!(reopened.stats(), all, "the counts match the file");
+}
