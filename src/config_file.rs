@@ -5,6 +5,7 @@
 //! each is checked by the flag's own parser, so a value means the same in
 //! both places. Unknown keys and bad values are errors naming their line.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -151,6 +152,55 @@ impl ConfigFile {
         serde_saphyr::from_str(text).map_err(|e| ConfigError::new(format!("invalid YAML: {e}")))
     }
 
+    /// The value of one setting as written, for commands that take a single
+    /// setting from the relay's file (`healthcheck`'s `admin_listen`).
+    pub fn value(&self, key: &str) -> Option<String> {
+        self.settings()
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, setting)| setting.value.values().into_iter().next())
+    }
+
+    /// Reads the file again as `serve` would and checks every value with its
+    /// flag's parser: what a reload compares with [`ConfigFile::snapshot`].
+    pub fn load_checked(path: &Path) -> Result<Self, ConfigError> {
+        let file = Self::load(path)?;
+        let serve =
+            <crate::config::ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+        file.apply(serve)
+            .map_err(|e| ConfigError::new(format!("config file {}: {e}", path.display())))?;
+        Ok(file)
+    }
+
+    /// Each setting (and the `sources:` list) as text, to name on reload the
+    /// ones that changed in the file: they take effect only after a restart.
+    pub fn snapshot(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = self
+            .settings()
+            .into_iter()
+            .map(|(key, setting)| (key.to_owned(), setting.value.values()))
+            .collect();
+        if let Some(sources) = &self.sources {
+            let text = |s: &Option<Spanned<String>>| s.as_ref().map(|s| s.value.clone());
+            let entries = sources
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {} {:?} {:?} {:?} {:?}",
+                        s.name.value,
+                        s.path.value,
+                        s.secret_file,
+                        s.basic_auth_file,
+                        text(&s.routing_key_prefix),
+                        text(&s.exchange)
+                    )
+                })
+                .collect();
+            out.insert("sources".to_owned(), entries);
+        }
+        out
+    }
+
     /// Makes the file's settings the defaults of `command`'s flags, each
     /// checked with the flag's own value parser.
     pub fn apply(&self, mut command: clap::Command) -> Result<clap::Command, ConfigError> {
@@ -232,6 +282,21 @@ pub fn find_config_arg(argv: &[std::ffi::OsString], env: Option<PathBuf>) -> Opt
     env
 }
 
+/// The keys whose text differs between two snapshots, in order.
+pub fn changed_keys(
+    before: &BTreeMap<String, Vec<String>>,
+    after: &BTreeMap<String, Vec<String>>,
+) -> Vec<String> {
+    before
+        .keys()
+        .chain(after.keys())
+        .filter(|key| before.get(*key) != after.get(*key))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +346,58 @@ mod tests {
         let file = ConfigFile::parse(include_str!("../relay.example.yaml")).unwrap();
         assert!(file.settings().len() >= 5);
         file.apply(serve_command()).unwrap();
+    }
+
+    /// Each deployment's relay.yaml: known keys, values its flags accept,
+    /// and settings that agree with each other (the files they name exist
+    /// only where they are deployed).
+    #[test]
+    fn every_deployments_config_file_is_valid() {
+        #[derive(serde::Deserialize)]
+        struct ConfigMap {
+            data: std::collections::HashMap<String, String>,
+        }
+        let configmap: ConfigMap =
+            serde_saphyr::from_str(include_str!("../deploy/kubernetes/configmap.yaml")).unwrap();
+        let files = [
+            (
+                "relay.example.yaml (systemd)",
+                include_str!("../relay.example.yaml").to_owned(),
+            ),
+            (
+                "image",
+                include_str!("../deploy/container/relay.yaml").to_owned(),
+            ),
+            (
+                "compose",
+                include_str!("../deploy/compose/relay.yaml").to_owned(),
+            ),
+            ("kubernetes", configmap.data["relay.yaml"].clone()),
+        ];
+        for (name, text) in files {
+            let file = ConfigFile::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let command = crate::Cli::command()
+                .mut_subcommand("serve", |serve| file.apply(serve).expect(name));
+            let matches = command
+                .try_get_matches_from(["ocrolus-relay", "serve"])
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let crate::Command::Serve(args) =
+                <crate::Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+                    .expect(name)
+                    .command
+            else {
+                unreachable!("serve")
+            };
+            // The image's own file leaves the credentials to the deployment.
+            let secrets = (name == "image").then(|| "a-long-enough-webhook-secret".to_owned());
+            if let Err(e) = crate::config::Config::from_args(&args, secrets) {
+                // The image sets no TLS pair either: that is the deployment's.
+                assert!(
+                    name == "image" && e.to_string().contains("TLS"),
+                    "{name}: {e}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! 200 is in the broker or fsynced in the spool, and is delivered after the
 //! next start; requests still in flight get no answer, and Ocrolus retries them.
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::app::Relay;
@@ -28,13 +29,33 @@ const SIGTERM: ForcedExit = ForcedExit {
     code: 128 + 15,
 };
 
+/// The signals the relay handles, installed before it starts serving: a
+/// SIGHUP sent as soon as the "serving" line appears must reload, not kill
+/// it (the default action of an unhandled SIGHUP).
+pub struct Signals {
+    hangup: Signal,
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Serves until SIGTERM or SIGINT, reloading on SIGHUP; then drains, unless
 /// a second SIGTERM or SIGINT arrives first ([`ForcedExit`]).
-pub async fn run_until_signalled(relay: Relay) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+pub async fn run_until_signalled(relay: Relay, signals: Signals) -> anyhow::Result<()> {
+    let Signals {
+        mut hangup,
+        mut terminate,
+        mut interrupt,
+    } = signals;
     loop {
         tokio::select! {
             _ = hangup.recv() => {

@@ -2,14 +2,16 @@
 //! configuration, the reloadable policy and certificate, admission, the
 //! de-duplication window and the outbox. Built by `app`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, Policy};
 use crate::config_error::ConfigError;
+use crate::config_file::{ConfigFile, changed_keys};
 use crate::dedup::Dedup;
 use crate::limits::Admission;
 use crate::metrics::{Metrics, ReloadResult};
@@ -26,6 +28,8 @@ pub struct AppState {
     pub outbox: Outbox,
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
+    /// The `--config` file's settings as the relay started with them.
+    file_at_start: Option<BTreeMap<String, Vec<String>>>,
 }
 
 impl AppState {
@@ -37,7 +41,13 @@ impl AppState {
         outbox: Outbox,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let file_at_start = config
+            .file
+            .as_deref()
+            .and_then(|path| ConfigFile::load(path).ok())
+            .map(|file| file.snapshot());
         Self {
+            file_at_start,
             admission: Admission::new(&config.limits),
             config,
             policy: ArcSwap::from_pointee(policy),
@@ -59,9 +69,13 @@ impl AppState {
     }
 
     /// SIGHUP: re-reads allowlist, secrets and certificate. All or nothing:
-    /// a bad file leaves the running configuration untouched.
+    /// a bad file leaves the running configuration untouched. The `--config`
+    /// file is read again too: an invalid one fails the reload (the next
+    /// restart would fail on it), and settings changed in it are named in
+    /// one warning, as they take effect only after a restart.
     pub fn reload(&self) -> Result<(), ConfigError> {
-        let result = self.config.sources.load_policy().and_then(|policy| {
+        let result = self.restart_needed().and_then(|restart_keys| {
+            let policy = self.config.sources.load_policy()?;
             let tls = self
                 .config
                 .sources
@@ -69,10 +83,10 @@ impl AppState {
                 .as_ref()
                 .map(Tls::load)
                 .transpose()?;
-            Ok((policy, tls))
+            Ok((policy, tls, restart_keys))
         });
         match result {
-            Ok((policy, tls)) => {
+            Ok((policy, tls, restart_keys)) => {
                 self.policy.store(Arc::new(policy));
                 if let Some(tls) = tls {
                     self.metrics.set_cert_expiry(tls.not_after);
@@ -84,6 +98,12 @@ impl AppState {
                     .inc();
                 self.metrics.config_last_reload_ok.set(1);
                 info!("configuration reloaded");
+                if !restart_keys.is_empty() {
+                    warn!(
+                        keys = %restart_keys.join(", "),
+                        "changed in the config file; these take effect only after a restart, the running values stay"
+                    );
+                }
                 Ok(())
             }
             Err(e) => {
@@ -96,6 +116,16 @@ impl AppState {
                 Err(e)
             }
         }
+    }
+
+    /// The `--config` file's keys that differ from the start, once the file
+    /// has been read again and checked.
+    fn restart_needed(&self) -> Result<Vec<String>, ConfigError> {
+        let (Some(path), Some(at_start)) = (&self.config.file, &self.file_at_start) else {
+            return Ok(Vec::new());
+        };
+        let now = ConfigFile::load_checked(path)?.snapshot();
+        Ok(changed_keys(at_start, &now))
     }
 
     /// What `GET /secrets` shows: per source, counts and fingerprints.

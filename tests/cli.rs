@@ -66,6 +66,23 @@ async fn healthcheck_follows_an_unspecified_admin_listen_address() {
         .await
         .expect("run");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // As in the image: the address is in the file RELAY_CONFIG names.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("relay.yaml");
+    std::fs::write(&config, format!("admin_listen: {listen}\n")).expect("write");
+    let out = tokio::process::Command::new(BIN)
+        .arg("healthcheck")
+        .env_remove("RELAY_ADMIN_LISTEN")
+        .env("RELAY_CONFIG", &config)
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("127.0.0.1:{}/livez", relay.admin.port())),
+        "{}",
+        text(&out.stdout)
+    );
     let broker = TestBroker::connect().await;
     relay.finish(&broker, &[]).await;
 }

@@ -496,3 +496,130 @@ fn sources_must_have_distinct_paths_and_names_and_their_own_files() {
         "{out}"
     );
 }
+
+/// Log lines of `relay` at `level` whose message starts with `start`,
+/// waiting up to 10 s for at least `count` of them.
+async fn log_lines(
+    relay: &common::RelayBinary,
+    level: &str,
+    start: &str,
+    count: usize,
+) -> Vec<serde_json::Value> {
+    let mut found = Vec::new();
+    for _ in 0..200 {
+        found = relay
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| {
+                l["level"] == level && l["message"].as_str().is_some_and(|m| m.starts_with(start))
+            })
+            .collect();
+        if found.len() >= count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    found
+}
+
+/// SIGHUP re-reads the config file: settings changed in it are named in one
+/// warning (they need a restart); an invalid file fails the reload, and the
+/// next good one clears `config_last_reload_successful` again.
+#[tokio::test]
+async fn sighup_names_the_changed_settings_that_need_a_restart() {
+    let dir = config_dir("max_in_flight: 100\nrate_limit_global: 2000\n");
+    let config = dir.path().join("relay.yaml");
+    let exchange = common::unique("test.reload");
+    let args: Vec<String> = [
+        "--config",
+        &config.display().to_string(),
+        "--plaintext",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--exchange",
+        &exchange,
+        "--no-declare",
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let relay = common::RelayBinary::start(&args).await;
+    let rewrite = |yaml: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "allowlist: {dir}/allowlist.yaml\nsecret_file: {dir}/secrets\nspool_dir: {dir}/spool\n{yaml}",
+                dir = dir.path().display()
+            ),
+        )
+        .unwrap();
+    };
+    let hup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &relay.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+
+    rewrite("max_in_flight: 200\nlog_format: text\n");
+    hup();
+    let warnings = log_lines(&relay, "WARN", "changed in the config file", 1).await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(
+        warnings[0]["keys"], "log_format, max_in_flight, rate_limit_global",
+        "{}",
+        warnings[0]
+    );
+    assert_eq!(
+        relay
+            .metric("ocrolus_relay_config_last_reload_successful")
+            .await,
+        Some(1.0)
+    );
+
+    rewrite("max_in_flight: many\n");
+    hup();
+    let errors = log_lines(&relay, "ERROR", "reload rejected", 1).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("`max_in_flight`")),
+        "{}",
+        errors[0]
+    );
+    assert_eq!(
+        relay
+            .metric("ocrolus_relay_config_last_reload_successful")
+            .await,
+        Some(0.0)
+    );
+
+    rewrite("max_in_flight: 100\nrate_limit_global: 2000\n");
+    hup();
+    assert_eq!(
+        log_lines(&relay, "INFO", "configuration reloaded", 2)
+            .await
+            .len(),
+        2
+    );
+    assert_eq!(
+        relay
+            .metric("ocrolus_relay_config_last_reload_successful")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        log_lines(&relay, "WARN", "changed in the config file", 1)
+            .await
+            .len(),
+        1,
+        "the file as at start needs no restart"
+    );
+}

@@ -6,14 +6,16 @@ use std::path::Path;
 
 use crate::app::Relay;
 use crate::config::{Config, DEFAULT_WEBHOOK_PATH, DEV_LISTEN, DEV_SECRET};
+use crate::signals::{Signals, run_until_signalled};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let banner = config.sources.dev.then(|| DevBanner::new(&config));
+    let signals = Signals::install()?;
     let relay = Relay::start(config).await?;
     if let Some(banner) = banner {
         eprintln!("{}", banner.render(relay.public_addr, relay.admin_addr));
     }
-    crate::signals::run_until_signalled(relay).await
+    run_until_signalled(relay, signals).await
 }
 
 /// What `serve --dev` prints once it listens: the addresses it really bound
