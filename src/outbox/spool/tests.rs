@@ -409,11 +409,12 @@ async fn a_cancelled_append_whose_commit_fails_gives_its_room_back() {
     let mut big = envelope(1);
     big.body = bytes::Bytes::from(vec![b'x'; 200 * 1024]);
     // One poll reserves the room and queues the commit; then the request
-    // is cancelled.
-    assert!(
-        spool.append(&big).now_or_never().is_none(),
-        "waits for the commit"
-    );
+    // is cancelled. On a busy machine the store thread may have answered
+    // (the commit failed) before that one poll ends: then the append is not
+    // cancelled but refused, and the counts must come out the same.
+    if let Some(result) = spool.append(&big).now_or_never() {
+        assert!(result.is_err(), "the disk is full: {result:?}");
+    }
     // Served after the failed commit (the store thread works in order).
     let _ = spool.peek(1).await;
     let s = spool.stats();
