@@ -647,6 +647,19 @@ async fn spool_commands_without_a_relay_read_the_file_and_say_so() {
         ("RELAY_ADMIN_LISTEN", &no_admin),
     ];
     stats_from_file(&["spool", "stats"], &env, &read_file).await;
+    let config = dir.path().join("relay.yaml");
+    std::fs::write(
+        &config,
+        format!("admin_listen: {no_admin}\nspool_dir: {spool}\n"),
+    )
+    .expect("write config");
+    let config = config.display().to_string();
+    stats_from_file(
+        &["spool", "stats"],
+        &[("RELAY_CONFIG", &config)],
+        &read_file,
+    )
+    .await;
     let out = run_binary(
         &[
             "spool",

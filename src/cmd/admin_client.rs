@@ -2,6 +2,7 @@
 //! `healthcheck` and `spool`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
@@ -10,6 +11,35 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use crate::config_error::ConfigError;
+use crate::config_file::ConfigFile;
+
+/// `serve`'s own default `--admin-listen`.
+const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9090));
+
+/// The admin listener to ask: `--admin-listen` if given, else
+/// `admin_listen` of the relay's config file (`--config`), else `serve`'s
+/// default.
+pub fn admin_listen(
+    flag: Option<SocketAddr>,
+    config: Option<&Path>,
+) -> Result<SocketAddr, ConfigError> {
+    match (flag, config) {
+        (Some(listen), _) => Ok(listen),
+        (None, Some(path)) => match ConfigFile::load(path)?.value("admin_listen") {
+            Some(text) => text.parse().map_err(|e| {
+                ConfigError::new(format!(
+                    "config file {}: `admin_listen` {text:?}: {e}",
+                    path.display()
+                ))
+            }),
+            None => Ok(DEFAULT_ADMIN_LISTEN),
+        },
+        (None, None) => Ok(DEFAULT_ADMIN_LISTEN),
+    }
+}
 
 /// Where to reach an admin listener bound to `listen`: an unspecified
 /// address (`0.0.0.0`, `::`, as in a container) means this host.

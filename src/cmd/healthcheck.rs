@@ -3,22 +3,14 @@
 //! has no shell or curl.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
 use http::StatusCode;
 
 use crate::cmd::admin_client;
-use crate::config_error::ConfigError;
-use crate::config_file::ConfigFile;
 use crate::units::parse_duration;
-
-/// `serve`'s own default `--admin-listen`.
-const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
-    std::net::Ipv4Addr::LOCALHOST,
-    9090,
-));
 
 #[derive(Debug, clap::Args)]
 pub struct HealthcheckArgs {
@@ -40,11 +32,7 @@ pub struct HealthcheckArgs {
 
 pub async fn run(args: HealthcheckArgs) -> anyhow::Result<()> {
     let path = if args.ready { "/readyz" } else { "/livez" };
-    let listen = match (args.admin_listen, &args.config) {
-        (Some(listen), _) => listen,
-        (None, Some(path)) => admin_listen_in(path)?,
-        (None, None) => DEFAULT_ADMIN_LISTEN,
-    };
+    let listen = admin_client::admin_listen(args.admin_listen, args.config.as_deref())?;
     let addr = admin_client::target(listen);
     let reply = admin_client::get(addr, path, args.timeout).await?;
     let body = String::from_utf8_lossy(&reply.body);
@@ -56,17 +44,4 @@ pub async fn run(args: HealthcheckArgs) -> anyhow::Result<()> {
         reply.status
     );
     Ok(())
-}
-
-/// `admin_listen` of the relay's config file, or `serve`'s default.
-fn admin_listen_in(path: &Path) -> Result<SocketAddr, ConfigError> {
-    match ConfigFile::load(path)?.value("admin_listen") {
-        Some(text) => text.parse().map_err(|e| {
-            ConfigError::new(format!(
-                "config file {}: `admin_listen` {text:?}: {e}",
-                path.display()
-            ))
-        }),
-        None => Ok(DEFAULT_ADMIN_LISTEN),
-    }
 }

@@ -2,7 +2,8 @@
 //! broker, whether the relay runs or not.
 //!
 //! A running relay holds the spool file's lock, so these commands first ask
-//! its admin listener (`--admin-listen`, as for `healthcheck`): `GET /spool`,
+//! its admin listener (`--admin-listen`, or `admin_listen` of `--config`, as
+//! for `healthcheck`): `GET /spool`,
 //! `GET /spool/events`, and for `replay`, `POST /spool/drain`, which makes
 //! the relay's own drainer deliver the spool now. Only when no relay answers
 //! do they open the file, and they say on stderr which of the two they did.
@@ -36,6 +37,7 @@ use crate::admin::spool::{Bodies, MAX_LIMIT, event_line, quarantine_line, stats_
 use crate::broker::Broker;
 use crate::cmd::admin_client;
 use crate::config::{BrokerArgs, BrokerConfig};
+use crate::config_file::ConfigFile;
 use crate::event::Envelope;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
@@ -54,14 +56,19 @@ const DRAIN_POLL: Duration = Duration::from_millis(250);
 #[derive(Debug, clap::Args)]
 #[command(mut_args = |arg: clap::Arg| arg.global(true))]
 pub struct SpoolArgs {
-    /// Spool directory. Default: the one the relay at --admin-listen uses,
-    /// else ./spool.
+    /// Spool directory [default: the one the relay at --admin-listen uses,
+    /// else `spool_dir` of --config, else ./spool].
     #[arg(long, env = "RELAY_SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
     /// The running relay's admin listener, as given to `serve` (0.0.0.0 / ::
-    /// mean this host). Asked first; the file is opened only if no relay answers.
-    #[arg(long, env = "RELAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
-    pub admin_listen: SocketAddr,
+    /// mean this host); asked first, the file is opened only if no relay
+    /// answers [default: `admin_listen` of --config, else 127.0.0.1:9090].
+    #[arg(long, env = "RELAY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// The relay's config file, read for its `admin_listen` and `spool_dir`
+    /// only (in the container image RELAY_CONFIG names it).
+    #[arg(long, env = "RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Broker to replay to when no relay runs (a running relay uses its own).
     #[command(flatten)]
     pub broker: BrokerArgs,
@@ -111,7 +118,18 @@ enum Owner {
 }
 
 pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
-    match find_owner(&args).await {
+    let listen = admin_client::admin_listen(args.admin_listen, args.config.as_deref())?;
+    // The config file's spool is where to read when no relay answers; a
+    // relay that answers is trusted for its own unless --spool-dir names one.
+    let file_dir = match (&args.spool_dir, &args.config) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(path)) => ConfigFile::load(path)?
+            .value("spool_dir")
+            .map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from),
+        (None, None) => PathBuf::from(DEFAULT_DIR),
+    };
+    let addr = admin_client::target(listen);
+    match find_owner(addr, args.spool_dir.as_deref(), file_dir).await {
         Owner::Relay { addr, stats } => {
             eprintln!(
                 "spool: asking the running relay at http://{addr} (spool {}); the file is not opened",
@@ -149,15 +167,12 @@ pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Asks the admin listener for its spool; falls back to the file when no
-/// relay answers, or when the one that does serves another spool.
-async fn find_owner(args: &SpoolArgs) -> Owner {
-    let addr = admin_client::target(args.admin_listen);
+/// Asks the admin listener at `addr` for its spool; falls back to the file
+/// in `file_dir` when no relay answers, or when the one that does serves
+/// another spool than `wanted`.
+async fn find_owner(addr: SocketAddr, wanted: Option<&Path>, file_dir: PathBuf) -> Owner {
     let file = |why_not_relay: String| Owner::File {
-        dir: args
-            .spool_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR)),
+        dir: file_dir,
         why_not_relay,
     };
     let stats = match admin_get(addr, "/spool").await {
@@ -165,8 +180,8 @@ async fn find_owner(args: &SpoolArgs) -> Owner {
         Err(e) => return file(format!("no relay answered at {addr} ({e:#})")),
     };
     let served = stats["dir"].as_str().map(PathBuf::from);
-    if let (Some(wanted), Some(served)) = (&args.spool_dir, &served) {
-        let wanted = std::fs::canonicalize(wanted).unwrap_or_else(|_| wanted.clone());
+    if let (Some(wanted), Some(served)) = (wanted, &served) {
+        let wanted = std::fs::canonicalize(wanted).unwrap_or_else(|_| wanted.to_path_buf());
         if &wanted != served {
             return file(format!(
                 "the relay at {addr} serves the spool {}, not {}",
