@@ -333,7 +333,11 @@ mod tests {
                 Some(1),
             ),
         ];
+        let mut server_errors = std::collections::BTreeSet::new();
         for (reject, status, outcome, reason, retry_after) in cases {
+            if status >= 500 {
+                server_errors.insert(outcome);
+            }
             let answer = reject.answer();
             assert_eq!(answer.status.as_u16(), status, "{reject:?}");
             assert_eq!(answer.outcome.as_str(), outcome, "{reject:?}");
@@ -346,5 +350,12 @@ mod tests {
                 "{reject:?}: a 4xx other than 429 closes"
             );
         }
+        // The High5xxRatio alert counts every outcome answered with a 5xx.
+        let alerts = include_str!("../deploy/prometheus/alerts.yml");
+        let rule = &alerts[alerts.find("alert: High5xxRatio").expect("High5xxRatio")..];
+        let start = rule.find("outcome=~\"").expect("outcome matcher") + "outcome=~\"".len();
+        let matcher = &rule[start..start + rule[start..].find('"').expect("closing quote")];
+        let counted: std::collections::BTreeSet<&str> = matcher.split('|').collect();
+        assert_eq!(counted, server_errors, "High5xxRatio's outcome matcher");
     }
 }
