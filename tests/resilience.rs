@@ -1364,6 +1364,17 @@ async fn spool_commands_inspect_and_drain_a_running_relay_under_load() {
     let (code, quarantined, stderr) =
         spool_command(&["list", "--quarantine", "--admin-listen", &admin]).await;
     assert_eq!((code, quarantined.len()), (Some(0), 0), "{stderr}");
+    // One request lists at most 1000 events; anything else is refused.
+    for (query, status) in [
+        ("limit=1000", 200),
+        ("limit=0", 400),
+        ("limit=1001", 400),
+        ("quarantine=maybe", 400),
+        ("offset=3", 400),
+    ] {
+        let answer = get(&format!("http://{admin}/spool/events?{query}")).await;
+        assert_eq!(answer.0, status, "{query}: {:?}", answer.2);
+    }
 
     // No broker: a drain now is refused, and says why and that nothing is lost.
     let (code, _, stderr) = spool_command(&["replay", "--admin-listen", &admin]).await;

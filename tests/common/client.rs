@@ -56,7 +56,10 @@ pub async fn request(method: &str, url: &str, headers: &[(String, String)], body
     tokio::spawn(conn);
     let mut builder = Request::builder()
         .method(method)
-        .uri(uri.path())
+        .uri(
+            uri.path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str),
+        )
         .header("host", authority.as_str());
     for (k, v) in headers {
         builder = builder.header(k.as_str(), v.as_str());
