@@ -170,13 +170,23 @@ impl Nodes {
         properties: ConnectionProperties,
     ) -> anyhow::Result<(Connection, &str)> {
         let mut failures = Vec::new();
+        let mut all_unreachable = true;
         for index in 0..self.nodes.len() {
             match self.connect(index, properties.clone()).await {
                 Ok(connection) => return Ok((connection, self.label(index))),
-                Err(e) => failures.push(format!("{}: {e}", self.label(index))),
+                Err(e) => {
+                    all_unreachable &= matches!(e, ConnectFailure::Unreachable(_));
+                    failures.push(format!("{}: {e}", self.label(index)));
+                }
             }
         }
-        anyhow::bail!("no broker node answered: {}", failures.join("; "))
+        // A refusal already says what to check; an outage gets it here.
+        let hint = if all_unreachable {
+            "; check that RabbitMQ runs there and that --amqp-url (RELAY_AMQP_URL) names it"
+        } else {
+            ""
+        };
+        anyhow::bail!("no broker node answered: {}{hint}", failures.join("; "))
     }
 }
 

@@ -494,6 +494,21 @@ async fn tail_says_once_why_the_broker_refused_it_and_what_to_do() {
          (RELAY_AMQP_URL), and that the user may connect from this host (RabbitMQ's guest only \
          from localhost)\n"
     );
+    let down = run(&[
+        "tail",
+        "--amqp-url",
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        "--max",
+        "1",
+    ])
+    .await;
+    assert_eq!(down.status.code(), Some(1));
+    assert_eq!(
+        text(&down.stderr),
+        "error: connecting to the broker: no broker node answered: 127.0.0.1:1: unreachable: IO \
+         error: Connection refused (os error 111); check that RabbitMQ runs there and that \
+         --amqp-url (RELAY_AMQP_URL) names it\n"
+    );
     let exchange = unique("tail-missing");
     let missing = run(&["tail", "--exchange", &exchange, "--max", "1"]).await;
     assert_eq!(missing.status.code(), Some(1));
