@@ -551,6 +551,33 @@ async fn send_test_prints_the_relays_refusal_and_what_to_check() {
     relay.finish(&broker, &[]).await;
 }
 
+#[tokio::test]
+async fn send_test_explains_a_connection_closed_at_accept() {
+    require_broker!();
+    let relay = TestRelay::start(RelayOptions {
+        allow: vec!["10.0.0.0/8".into()],
+        ..RelayOptions::default()
+    })
+    .await;
+    let out = run(&[
+        "send-test",
+        "--dev",
+        "--url",
+        &relay.url,
+        "--event",
+        "book.verified",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: the relay closed the connection without answering: it does so to peers not on its \
+         allowlist, before reading a byte (the relay logs reason=\"peer_not_allowed\")\n"
+    );
+    let broker = TestBroker::connect().await;
+    relay.finish(&broker, &[]).await;
+}
+
 /// `spool stats` with no relay answering: it says it reads the file (the
 /// exact line `read_file`) and finds the 3 events spooled there.
 async fn stats_from_file(args: &[&str], env: &[(&str, &str)], read_file: &str) {
