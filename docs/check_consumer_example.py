@@ -8,7 +8,9 @@ Everything happens on a throwaway exchange, queue and dead-letter exchange
 with unique names, deleted at the end. Checks: bindings, JSON-line output,
 de-duplication on message_id, poison message dead-lettered (not requeued),
 reconnection after the broker closes the consumer's connection, exit after
---max-messages. Ends with a 'N passed, N failed' line; exit status 1 on failure.
+--max-messages. The consumer gets its broker as the relay does, from
+RELAY_AMQP_URL, as a node list whose first node is down (nothing listens on
+port 1): it must move on to the next node at start and at the reconnect. Ends with a 'N passed, N failed' line; exit status 1 on failure.
 """
 
 from __future__ import annotations
@@ -87,15 +89,17 @@ def main() -> int:
     exchange, q, dlx = f"test.consumer.{tag}", f"test-consumer-{tag}", f"test.consumer.dlx.{tag}"
     conn_name = f"check-consumer-example-{tag}"
     proc = None
+    env = {**os.environ, "RELAY_AMQP_URL": f"amqp://guest:guest@127.0.0.1:1/%2f,{a.amqp_url}"}
+    env.pop("AMQP_URL", None)
     conn = pika.BlockingConnection(pika.URLParameters(a.amqp_url))
     ch = conn.channel()
     try:
         proc = subprocess.Popen(
-            [sys.executable, str(CONSUMER), "--amqp-url", a.amqp_url, "--exchange", exchange, "--queue", q,
+            [sys.executable, str(CONSUMER), "--exchange", exchange, "--queue", q,
              "--declare-exchange", "--alternate-exchange", "", "--dead-letter-exchange", dlx,
              "--binding", "document.#", "--binding", "book.verified", "--max-messages", "3",
              "--connection-name", conn_name, "--max-backoff", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         out_q: queue.Queue = queue.Queue()
         err_q: queue.Queue = queue.Queue()
         threading.Thread(target=reader, args=(proc.stdout, out_q), daemon=True).start()

@@ -21,7 +21,10 @@ It shows what a correct consumer does:
 * a handler error requeues the message; after x-delivery-limit attempts the
   quorum queue dead-letters it;
 * reconnects with capped exponential backoff and jitter, to the first node
-  of the comma-separated --amqp-url list that answers (a RabbitMQ cluster).
+  of the comma-separated --amqp-url list that answers (a RabbitMQ cluster;
+  the same list the relay takes in RELAY_AMQP_URL);
+* speaks TLS to amqps:// nodes, with the relay's flag names: --amqp-ca-file
+  for a private CA, --amqp-client-cert and --amqp-client-key for mutual TLS.
 
 Each event is printed on stdout as one JSON line:
     {"routing_key": ..., "message_id": ..., "event": <x-ocrolus-event header>, "body": <the JSON body>}
@@ -35,6 +38,7 @@ import json
 import os
 import random
 import signal
+import ssl
 import sys
 import time
 from collections import OrderedDict
@@ -42,7 +46,9 @@ from collections import OrderedDict
 import pika
 import pika.exceptions
 
-DEFAULT_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+# The relay's variable first, so that one environment serves both.
+DEFAULT_URL = os.environ.get("RELAY_AMQP_URL") or os.environ.get(
+    "AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 
 
 def log(msg: str) -> None:
@@ -176,6 +182,8 @@ class Consumer:
         params = [pika.URLParameters(url.strip()) for url in a.amqp_url.split(",") if url.strip()]
         for p in params:
             p.client_properties = {"connection_name": a.connection_name}
+            if p.ssl_options is not None:
+                p.ssl_options = pika.SSLOptions(self.tls_context(), server_hostname=p.host)
         backoff = 0.0
         while True:
             conn = None
@@ -213,6 +221,18 @@ class Consumer:
             log(f"reconnecting in {delay:.1f}s")
             time.sleep(delay)
 
+    def tls_context(self) -> ssl.SSLContext:
+        """For amqps:// nodes: the system's CAs plus --amqp-ca-file, the
+        broker's name checked, and a client certificate for mutual TLS."""
+        a = self.args
+        try:
+            ctx = ssl.create_default_context(cafile=a.amqp_ca_file)
+            if a.amqp_client_cert:
+                ctx.load_cert_chain(a.amqp_client_cert, a.amqp_client_key)
+        except (OSError, ssl.SSLError) as e:
+            raise Fatal(f"TLS files: {e}") from e
+        return ctx
+
     @staticmethod
     def _close(conn) -> None:
         try:
@@ -225,7 +245,15 @@ class Consumer:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Example consumer for ocrolus-relay events (prints JSON lines).")
     ap.add_argument("--amqp-url", default=DEFAULT_URL,
-                    help="broker URL, or comma-separated URLs of a cluster's nodes; default $AMQP_URL or %(default)s")
+                    help="broker URL, or comma-separated URLs of a cluster's nodes, tried in order; "
+                         "default $RELAY_AMQP_URL, $AMQP_URL or amqp://guest:guest@127.0.0.1:5672/%%2f")
+    ap.add_argument("--amqp-ca-file", default=os.environ.get("RELAY_AMQP_CA_FILE"),
+                    help="amqps://: PEM CA certificate(s) that sign the broker's certificate, "
+                         "trusted on top of the system's (default $RELAY_AMQP_CA_FILE)")
+    ap.add_argument("--amqp-client-cert", default=os.environ.get("RELAY_AMQP_CLIENT_CERT"),
+                    help="amqps://: PEM client certificate chain for mutual TLS (default $RELAY_AMQP_CLIENT_CERT)")
+    ap.add_argument("--amqp-client-key", default=os.environ.get("RELAY_AMQP_CLIENT_KEY"),
+                    help="PEM private key of --amqp-client-cert (default $RELAY_AMQP_CLIENT_KEY)")
     ap.add_argument("--exchange", default="ocrolus.events", help="the relay's topic exchange (default %(default)s)")
     ap.add_argument("--queue", default="ocrolus-example-consumer", help="durable queue to declare (default %(default)s)")
     ap.add_argument("--binding", action="append", default=None,
@@ -249,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.binding = ["document.#"]
     if args.max_messages < 0 or args.prefetch < 1 or args.dedup_size < 1:
         ap.error("--max-messages must be >= 0, --prefetch and --dedup-size >= 1")
+    if bool(args.amqp_client_cert) != bool(args.amqp_client_key):
+        ap.error("--amqp-client-cert and --amqp-client-key go together")
     return args
 
 

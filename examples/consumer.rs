@@ -23,8 +23,13 @@
 //!   dead-letters it instead of redelivering it forever;
 //! * a failed handler requeues the message; after `x-delivery-limit` attempts
 //!   the quorum queue dead-letters it;
-//! * reconnects with capped exponential backoff and jitter, to the next node
-//!   of `--amqp-url` (one URL per node of a RabbitMQ cluster).
+//! * connects to the first node of `--amqp-url` that answers (one URL per
+//!   node of a RabbitMQ cluster, the same list the relay takes in
+//!   `RELAY_AMQP_URL`), and reconnects with capped exponential backoff and
+//!   jitter, starting each time at the node after the last one tried;
+//! * speaks TLS to `amqps://` nodes, with the relay's flag names:
+//!   `--amqp-ca-file` for a private CA, `--amqp-client-cert` and
+//!   `--amqp-client-key` for mutual TLS.
 //!
 //! Each event is printed on stdout as one JSON line
 //! `{"routing_key": ..., "message_id": ..., "event": <x-ocrolus-event>, "body": <JSON body>}`;
@@ -33,6 +38,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -43,6 +49,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 use serde_json::{Value, json};
@@ -51,14 +58,20 @@ use serde_json::{Value, json};
 #[command(about = "Example consumer for ocrolus-relay events (prints JSON lines)")]
 struct Args {
     /// Broker URL; repeat it (or separate with commas) for the nodes of a
-    /// cluster: each reconnect goes to the next one in the list.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        value_delimiter = ',',
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
+    /// cluster, tried in order. Default: `$RELAY_AMQP_URL`, else `$AMQP_URL`,
+    /// else amqp://guest:guest@127.0.0.1:5672/%2f.
+    #[arg(long, env = "RELAY_AMQP_URL", value_delimiter = ',')]
     amqp_url: Vec<String>,
+    /// amqps://: PEM CA certificate(s) that sign the broker's certificate,
+    /// trusted on top of the system's.
+    #[arg(long, env = "RELAY_AMQP_CA_FILE")]
+    amqp_ca_file: Option<PathBuf>,
+    /// amqps://: PEM client certificate chain for mutual TLS.
+    #[arg(long, env = "RELAY_AMQP_CLIENT_CERT", requires = "amqp_client_key")]
+    amqp_client_cert: Option<PathBuf>,
+    /// PEM private key of `--amqp-client-cert`.
+    #[arg(long, env = "RELAY_AMQP_CLIENT_KEY", requires = "amqp_client_cert")]
+    amqp_client_key: Option<PathBuf>,
     /// The relay's topic exchange.
     #[arg(long, default_value = "ocrolus.events")]
     exchange: String,
@@ -151,6 +164,8 @@ impl SeenIds {
 
 struct Consumer {
     args: Args,
+    /// CA and client certificate for `amqps://` nodes.
+    tls: OwnedTLSConfig,
     seen: SeenIds,
     processed: u64,
     /// Connection attempts so far; picks the node of the next one.
@@ -163,10 +178,33 @@ fn log(msg: impl std::fmt::Display) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.amqp_url.is_empty() {
+        let urls = std::env::var("AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        args.amqp_url = urls.split(',').map(str::to_owned).collect();
+    }
+    args.amqp_url = args
+        .amqp_url
+        .iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if args.amqp_url.is_empty() {
+        log("--amqp-url: no address given");
+        return ExitCode::from(2);
+    }
+    let tls = match tls_config(&args) {
+        Ok(tls) => tls,
+        Err(e) => {
+            log(e);
+            return ExitCode::from(2);
+        }
+    };
     let capacity = usize::try_from(args.dedup_size).unwrap_or(usize::MAX);
     let mut consumer = Consumer {
         args,
+        tls,
         seen: SeenIds::new(capacity),
         processed: 0,
         sessions: 0,
@@ -180,6 +218,32 @@ async fn main() -> ExitCode {
             ExitCode::from(130)
         }
     }
+}
+
+/// The TLS files, read once at start: a missing file is a mistake to report,
+/// not a connection failure to retry.
+fn tls_config(args: &Args) -> Result<OwnedTLSConfig, String> {
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+    };
+    let cert_chain = match &args.amqp_ca_file {
+        Some(path) => Some(
+            String::from_utf8(read("--amqp-ca-file", path)?)
+                .map_err(|_| format!("--amqp-ca-file {}: not PEM text", path.display()))?,
+        ),
+        None => None,
+    };
+    let identity = match (&args.amqp_client_cert, &args.amqp_client_key) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read("--amqp-client-cert", cert)?,
+            key: read("--amqp-client-key", key)?,
+        }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
 }
 
 async fn shutdown_signal() {
@@ -233,13 +297,29 @@ impl Consumer {
             )
             .into(),
         );
-        // A cluster: every session tries the next node, so a dead one is
-        // left behind at the first reconnect.
-        let url = &self.args.amqp_url[self.sessions % self.args.amqp_url.len()];
-        self.sessions += 1;
-        let connection = match Connection::connect(url, properties).await {
-            Ok(connection) => connection,
-            Err(e) => return e.into(),
+        // A cluster: every node in turn until one answers, starting after
+        // the node of the last session, so that a node that died under us is
+        // tried last.
+        let nodes = self.args.amqp_url.len();
+        let mut last_error = None;
+        let mut connected = None;
+        for attempt in 0..nodes {
+            let url = &self.args.amqp_url[(self.sessions + attempt) % nodes];
+            match self.connect(url, properties.clone()).await {
+                Ok(connection) => {
+                    self.sessions += attempt + 1;
+                    connected = Some(connection);
+                    break;
+                }
+                Err(e) => {
+                    log(format!("{}: {e}", redact(url)));
+                    last_error = Some(e);
+                }
+            }
+        }
+        let Some(connection) = connected else {
+            self.sessions += 1;
+            return last_error.map_or_else(|| End::Lost("no node".into()), End::from);
         };
         let end = self
             .consume(&connection, backoff)
@@ -249,6 +329,15 @@ impl Consumer {
             let _ = connection.close(200, "done".into()).await;
         }
         end
+    }
+
+    async fn connect(
+        &self,
+        url: &str,
+        properties: ConnectionProperties,
+    ) -> lapin::Result<Connection> {
+        let runtime = lapin::runtime::default_runtime()?;
+        Connection::connect_with_config(url, properties, self.tls.clone(), runtime).await
     }
 
     async fn consume(&mut self, connection: &Connection, backoff: &mut f64) -> lapin::Result<End> {
@@ -435,4 +524,14 @@ fn handle(
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
     out.flush()
+}
+
+/// A URL for the log, without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }
