@@ -7,9 +7,19 @@
 //!
 //! With several addresses (the nodes of a cluster, [`Nodes`]) it starts at a
 //! random one, so that replicas spread over the nodes, and after a lost link,
-//! a failed connect, a confirm timeout or (with more than one node) a blocked
-//! connection it moves on to the next address in list order: a dead node is
-//! never waited for while another answers. Requests never wait for a reconnect and no lock is held
+//! a failed connect, a confirm timeout, a link that has only nacked for a
+//! confirm timeout, or (with more than one node) a blocked connection it
+//! moves on to the next address in list order: a dead node is never waited
+//! for while another answers.
+//!
+//! Why nacks count: after the node holding a quorum queue's leader dies, a
+//! channel opened on another node before the new leader is elected can be
+//! left refusing every publish to that queue (RabbitMQ 3.10 was seen nacking
+//! for minutes on such a channel, while fresh channels on the same node were
+//! acked). Each nack spools one event, so the relay would spool everything
+//! while "connected". A link that nacked every publish for a whole confirm
+//! timeout is replaced like one that timed out; a single nack (a full queue
+//! with `reject-publish`, say) is not enough. Requests never wait for a reconnect and no lock is held
 //! across a publish: they take the current link (an `Arc` swap) and publish on
 //! one of its channels, many in flight at once.
 //!
@@ -95,6 +105,35 @@ struct Link {
     /// Index into the configured nodes.
     node: usize,
     channels: Vec<Channel>,
+    /// When the link came up.
+    opened: Instant,
+    /// Milliseconds after `opened` of the last ack, or 0: a link whose
+    /// nacks have gone on for a confirm timeout since is broken.
+    last_ack_ms: AtomicU64,
+}
+
+impl Link {
+    fn new(generation: u64, node: usize, channels: Vec<Channel>) -> Self {
+        Self {
+            generation,
+            node,
+            channels,
+            opened: Instant::now(),
+            last_ack_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn acked(&self) {
+        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ack_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// How long this link has gone without an ack.
+    fn since_ack(&self) -> Duration {
+        self.opened.elapsed().saturating_sub(Duration::from_millis(
+            self.last_ack_ms.load(Ordering::Relaxed),
+        ))
+    }
 }
 
 pub struct Broker {
@@ -302,11 +341,16 @@ impl Broker {
         .await
         .unwrap_or(Err(PublishError::Timeout));
         match confirmed {
-            Ok(()) => self
-                .metrics
-                .confirm_duration
-                .observe(started.elapsed().as_secs_f64()),
+            Ok(()) => {
+                link.acked();
+                self.metrics
+                    .confirm_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
             Err(PublishError::Timeout | PublishError::Disconnected) => {
+                self.report_broken(link.generation);
+            }
+            Err(PublishError::Nack) if link.since_ack() >= self.config.confirm_timeout => {
                 self.report_broken(link.generation);
             }
             Err(_) => {}
@@ -425,7 +469,7 @@ impl Broker {
                 _ = shutdown.cancelled() => return "shutdown".into(),
                 _ = self.wake.notified() => {
                     if self.suspect.load(Ordering::Relaxed) == generation {
-                        return "a publish failed or timed out".into();
+                        return "publishes failed, timed out or were only nacked".into();
                     }
                 }
                 event = events.next() => match event {
@@ -472,14 +516,7 @@ impl Broker {
             tokio::spawn(close(connection));
             return Err(ConnectFailure::Topology(e));
         }
-        Ok((
-            connection,
-            Link {
-                generation,
-                node,
-                channels,
-            },
-        ))
+        Ok((connection, Link::new(generation, node, channels)))
     }
 
     async fn open_channels(&self, connection: &Connection) -> lapin::Result<Vec<Channel>> {

@@ -1433,3 +1433,99 @@ async fn spool_commands_inspect_and_drain_a_running_relay_under_load() {
     broker.delete_queue(&queue).await;
     files.cleanup(&broker).await;
 }
+
+/// A link on which the broker nacks every publish for a whole confirm
+/// timeout is replaced, as one that times out is. Seen on a RabbitMQ
+/// cluster after the node holding a quorum queue's leader died: the channels
+/// the relay had just opened on another node were nacked for minutes, and
+/// every event was spooled while the relay counted itself connected. Here a
+/// queue that takes no message (`x-max-length` 0, `reject-publish`) makes
+/// the broker nack every publish routed to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_that_only_nacks_is_replaced() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    require_broker!();
+    let relay = TestRelay::start(RelayOptions {
+        extra: vec!["--confirm-timeout".into(), "1".into()],
+        ..RelayOptions::default()
+    })
+    .await;
+    assert!(
+        relay.wait_broker_up(EVENTUALLY).await,
+        "relay never connected"
+    );
+    let broker = TestBroker::connect().await;
+    let refusing = unique("test.refusing");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    broker
+        .channel
+        .queue_declare(
+            refusing.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .expect("declare the refusing queue");
+    broker
+        .channel
+        .queue_bind(
+            refusing.as_str().into(),
+            relay.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+
+    let reconnects = "ocrolus_relay_broker_reconnects_total";
+    let before = relay.metric(reconnects).await;
+    let started = Instant::now();
+    let mut nacked = 0;
+    while relay.metric(reconnects).await <= before {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the relay kept a link that nacked all {nacked} publishes for {:?}",
+            started.elapsed()
+        );
+        let (status, _, body) =
+            post_signed(&relay, &new_id(), br#"{"event_name":"BOOK_VERIFIED"}"#).await;
+        assert_eq!(status, 200);
+        assert!(
+            String::from_utf8_lossy(&body).contains(r#""spooled""#),
+            "a nacked publish is spooled: {body:?}"
+        );
+        nacked += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replaced_after = started.elapsed();
+
+    // Without the refusing queue, events are published again and the
+    // spooled ones drain.
+    broker.delete_queue(&refusing).await;
+    let published_again = loop {
+        let (status, _, body) =
+            post_signed(&relay, &new_id(), br#"{"event_name":"BOOK_VERIFIED"}"#).await;
+        assert_eq!(status, 200);
+        if String::from_utf8_lossy(&body).contains(r#""published""#) {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < EVENTUALLY,
+            "never published again after the refusing queue went"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let drained_in = wait_drained(&relay).await;
+    eprintln!(
+        "only nacks: {nacked} deliveries nacked and spooled; link replaced {replaced_after:?} \
+         after the first; published again {published_again:?} after it; spool drained in {drained_in:?}"
+    );
+    relay.finish(&broker, &[]).await;
+}
