@@ -17,9 +17,10 @@
 //! left refusing every publish to that queue (RabbitMQ 3.10 was seen nacking
 //! for minutes on such a channel, while fresh channels on the same node were
 //! acked). Each nack spools one event, so the relay would spool everything
-//! while "connected". A link that nacked every publish for a whole confirm
-//! timeout is replaced like one that timed out; a single nack (a full queue
-//! with `reject-publish`, say) is not enough. Requests never wait for a reconnect and no lock is held
+//! while "connected". A link whose publishes were all nacked for a whole
+//! confirm timeout, [`NACK_RUN`] of them at least, is replaced like one that
+//! timed out. A few nacks (a poison event retried by the drainer, a full
+//! queue with `reject-publish` now and then) are not enough. Requests never wait for a reconnect and no lock is held
 //! across a publish: they take the current link (an `Arc` swap) and publish on
 //! one of its channels, many in flight at once.
 //!
@@ -28,7 +29,7 @@
 //! and `NotRequested` would mean confirms were never enabled.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -60,6 +61,12 @@ const STABLE_LINK: Duration = Duration::from_secs(30);
 /// How long a clean close (`connection.close` / `close-ok`) may take at
 /// shutdown before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Nacks in a row, with no ack between them, that can make a link broken
+/// (once they have also lasted a confirm timeout). More than the drainer
+/// makes retrying a poison event (`--poison-attempts`, 5 by default) on an
+/// otherwise quiet link; far fewer than a refusing channel under load gives
+/// in one confirm timeout.
+const NACK_RUN: u32 = 16;
 
 /// Why a publish was not confirmed; also the `reason` label of
 /// `publish_failures_total`.
@@ -107,9 +114,10 @@ struct Link {
     channels: Vec<Channel>,
     /// When the link came up.
     opened: Instant,
-    /// Milliseconds after `opened` of the last ack, or 0: a link whose
-    /// nacks have gone on for a confirm timeout since is broken.
-    last_ack_ms: AtomicU64,
+    /// Nacks since the last ack.
+    nacks_in_a_row: AtomicU32,
+    /// Milliseconds after `opened` of the first of those nacks.
+    first_nack_ms: AtomicU64,
 }
 
 impl Link {
@@ -119,20 +127,26 @@ impl Link {
             node,
             channels,
             opened: Instant::now(),
-            last_ack_ms: AtomicU64::new(0),
+            nacks_in_a_row: AtomicU32::new(0),
+            first_nack_ms: AtomicU64::new(0),
         }
     }
 
     fn acked(&self) {
-        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ack_ms.fetch_max(now, Ordering::Relaxed);
+        self.nacks_in_a_row.store(0, Ordering::Relaxed);
     }
 
-    /// How long this link has gone without an ack.
-    fn since_ack(&self) -> Duration {
-        self.opened.elapsed().saturating_sub(Duration::from_millis(
-            self.last_ack_ms.load(Ordering::Relaxed),
-        ))
+    /// Counts a nack; true when the nacks since the last ack are at least
+    /// [`NACK_RUN`] and the first of them is `limit` old.
+    fn only_nacks_for(&self, limit: Duration) -> bool {
+        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let run = self.nacks_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if run == 1 {
+            self.first_nack_ms.store(now, Ordering::Relaxed);
+            return false;
+        }
+        let first = self.first_nack_ms.load(Ordering::Relaxed);
+        run >= NACK_RUN && Duration::from_millis(now.saturating_sub(first)) >= limit
     }
 }
 
@@ -350,7 +364,7 @@ impl Broker {
             Err(PublishError::Timeout | PublishError::Disconnected) => {
                 self.report_broken(link.generation);
             }
-            Err(PublishError::Nack) if link.since_ack() >= self.config.confirm_timeout => {
+            Err(PublishError::Nack) if link.only_nacks_for(self.config.confirm_timeout) => {
                 self.report_broken(link.generation);
             }
             Err(_) => {}
