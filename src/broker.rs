@@ -573,17 +573,7 @@ impl Broker {
             let declared = if self.config.declare {
                 declare_topic(&channel, exchange, alternate).await
             } else {
-                channel
-                    .exchange_declare(
-                        exchange.into(),
-                        ExchangeKind::Topic,
-                        ExchangeDeclareOptions {
-                            passive: true,
-                            ..ExchangeDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
+                check_topic(&channel, exchange).await
             };
             declared.map_err(|e| {
                 let hint = if self.config.declare {
@@ -695,6 +685,23 @@ async fn declare_topic(
     }
     channel
         .exchange_declare(exchange.into(), ExchangeKind::Topic, DURABLE, arguments)
+        .await
+}
+
+/// Whether the topic exchange `exchange` exists, without creating it (a
+/// passive declare). The broker answers NOT_FOUND and closes the channel
+/// when it does not, so callers use a channel they can lose.
+pub async fn check_topic(channel: &Channel, exchange: &str) -> lapin::Result<()> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
         .await
 }
 

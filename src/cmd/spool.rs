@@ -26,10 +26,8 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::Subcommand;
 use http::StatusCode;
-use lapin::options::ExchangeDeclareOptions;
+use lapin::ConnectionProperties;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::FieldTable;
-use lapin::{ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -494,17 +492,7 @@ async fn check_exchange(nodes: &Nodes, exchange: &str) -> anyhow::Result<()> {
     let (connection, node) = nodes.connect_first(properties).await?;
     let declared = async {
         let channel = connection.create_channel().await?;
-        channel
-            .exchange_declare(
-                exchange.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    passive: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
+        crate::broker::check_topic(&channel, exchange).await
     }
     .await;
     let _ = connection.close(200, "checked".into()).await;
