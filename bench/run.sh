@@ -7,13 +7,16 @@
 #   SECTIONS="throughput latency" bench/run.sh
 #   CHANNELS="1 4 8 16" SECTIONS=channels bench/run.sh   # --publish-channels sweep
 #
-# Sections: throughput latency sizes idle tls channels(off by default).
+#   SECTIONS=flood bench/run.sh                          # forged-signature flood
+#   RELAY_BIN=/tmp/relay-before NO_BUILD=1 SECTIONS=throughput bench/run.sh  # A/B builds
+#
+# Sections: throughput latency sizes idle tls flood channels(off by default).
 # Results: one JSON line per run in $OUT/results.jsonl plus a summary.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
-SECTIONS="${SECTIONS:-throughput latency sizes idle tls}"
+SECTIONS="${SECTIONS:-throughput latency sizes idle tls flood}"
 AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 PORT="${PORT:-18443}"
 ADMIN_PORT="${ADMIN_PORT:-19090}"
@@ -22,10 +25,14 @@ REPS="${REPS:-2}"                   # baseline/relay pairs per concurrency
 CONCURRENCY="${CONCURRENCY:-64 256}"
 CHANNELS="${CHANNELS:-1 4 8 16}"
 IDLE_CONNS="${IDLE_CONNS:-10000}"
+FLOOD_CONNS="${FLOOD_CONNS:-64}"            # flood connections at once
+RATE_PER_IP=10000000                        # the flood section lowers it for one run
 PUBLISH_CHANNELS="${PUBLISH_CHANNELS:-}"   # empty = the relay's default
 RELAY_LOG_FILTER="${RELAY_LOG_FILTER:-}"   # e.g. warn, to measure logging cost
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$CARGO_TARGET_DIR/release"
+# Another relay binary (a copy of an earlier build) for A/B runs.
+RELAY_BIN="${RELAY_BIN:-$BIN/ocrolus-relay}"
 RUN_ID="bench.$(date +%s).$$"
 EXCHANGE="$RUN_ID"
 QUEUE="$RUN_ID.q"
@@ -51,8 +58,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log "build (release, once)"
-nice -n 10 cargo build --release --workspace --bins --quiet
+if [[ -z "${NO_BUILD:-}" ]]; then # NO_BUILD=1: use the binaries as they are
+  log "build (release, once)"
+  nice -n 10 cargo build --release --workspace --bins --quiet
+fi
 
 BENCH=(timeout 120 "$BIN/relay-bench")
 BROKER_PID="$(pgrep -o beam.smp || true)" # for CPU accounting only
@@ -68,6 +77,7 @@ echo >> "$TMP/secret"
 cat > "$TMP/allowlist.yaml" <<'EOF'
 allow:
   - 127.0.0.1/32 # the load generator
+  - 127.0.0.2/32 # the flood section's genuine deliveries
 trusted_proxies: []
 EOF
 
@@ -81,12 +91,12 @@ start_relay() { # extra serve flags...
   [[ -n "$RELAY_LOG_FILTER" ]] && filter=(env "RUST_LOG=$RELAY_LOG_FILTER")
   local channels=()
   [[ -n "$PUBLISH_CHANNELS" ]] && channels=(--publish-channels "$PUBLISH_CHANNELS")
-  "${filter[@]}" "$BIN/ocrolus-relay" serve "${TRANSPORT[@]}" \
+  "${filter[@]}" "$RELAY_BIN" serve "${TRANSPORT[@]}" \
     --listen "127.0.0.1:$PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
     --allowlist "$TMP/allowlist.yaml" --secret-file "$TMP/secret" \
     --amqp-url "$AMQP_URL" --exchange "$EXCHANGE" --alternate-exchange '' --dead-letter-exchange '' \
     --spool-dir "$TMP/spool" \
-    --rate-limit-per-ip 10000000 --rate-limit-global 10000000 \
+    --rate-limit-per-ip "$RATE_PER_IP" --rate-limit-global 10000000 \
     --max-in-flight 100000 --max-connections $((IDLE_CONNS + 1000)) \
     --header-timeout 120 "${channels[@]}" "$@" \
     >> "$OUT/relay.log" 2>&1 &
@@ -186,6 +196,27 @@ if has idle; then
   run_relay "steady-rss" "$URL" --concurrency 64 --requests "$REQUESTS" --duration 30
 fi
 
+if has flood; then
+  # Forged signatures (64 hex zeros) from 127.0.0.1 on FLOOD_CONNS
+  # connections, genuine signed deliveries at 20/s from 127.0.0.2. With the
+  # rate limits out of reach every forged request is read, verified and
+  # refused 401, which closes its connection; with a per-address limit of
+  # 100/s almost all are refused 429 before the body is read, and the
+  # connection is kept.
+  flood() { # label
+    "${BENCH[@]}" flood --url "$URL" --secret-file "$TMP/secret" --relay-pid "$RELAY_PID" \
+      "${BROKER[@]}" --connections "$FLOOD_CONNS" --duration 10 --genuine-rate 20 \
+      --genuine-from 127.0.0.2 --label "$1" --json-out "$RESULTS" >/dev/null
+    purge
+  }
+  log "flood: forged signatures, 401 path, $FLOOD_CONNS connections; genuine 20/s from 127.0.0.2"
+  start_relay
+  flood flood-401
+  log "flood: 429 path (100/s per address), $FLOOD_CONNS connections; genuine 20/s from 127.0.0.2"
+  RATE_PER_IP=100 start_relay
+  flood flood-429
+fi
+
 if has channels; then
   for ch in $CHANNELS; do
     log "--publish-channels $ch, c=256 1 KiB"
@@ -221,7 +252,7 @@ stop_relay
 log "summary ($RESULTS)"
 jq -r -s '
   def mib: if . == null then "-" else (. / 1024 * 10 | round / 10 | tostring) end;
-  .[] | select(.mode != "idle") |
+  .[] | select(.mode != "idle" and .mode != "flood") |
   [.mode, .label, (.concurrency|tostring), (.body_size|tostring),
    (.throughput_rps|round|tostring),
    (.latency_us.p50|tostring), (.latency_us.p99|tostring), (.latency_us.p999|tostring),
@@ -231,6 +262,9 @@ jq -r -s '
   "$RESULTS" | column -t -N mode,label,conc,body,req/s,p50us,p99us,p999us,rssMiB,cpu_us/req:bench/relay/broker,outcomes >&2 || true
 jq -r -s '.[] | select(.mode == "idle") |
   "idle \(.opened) conns (\(.still_open_after_hold) open after hold): relay RSS \(.relay_rss_holding_kib/1024|floor) MiB, peak \(.relay_rss.vm_hwm_kib/1024|floor) MiB"' \
+  "$RESULTS" >&2 || true
+jq -r -s '.[] | select(.mode == "flood") |
+  "\(.label): \(.throughput_rps|round) rejected req/s \(.outcomes), relay CPU \(.cpu_us_per_request.relay) us/rejected; genuine \(.genuine.ok)/\(.genuine.sent) ok, p99 \(.genuine.latency_us.p99) us"' \
   "$RESULTS" >&2 || true
 for c in $CONCURRENCY; do
   r=$(median_rps relay "tp-c$c"); b=$(median_rps baseline "tp-c$c")

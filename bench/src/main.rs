@@ -8,6 +8,9 @@
 //! * `baseline` — the same bodies published straight to RabbitMQ with lapin:
 //!   confirms, mandatory, persistent, the relay's own properties; each worker
 //!   awaits its confirm before the next publish, like a relay request.
+//! * `flood`    — forged-signature requests from many connections, with
+//!   genuine deliveries at a fixed rate from a second source address; the
+//!   relay's CPU per rejected request and the genuine p99.
 //! * `idle`     — opens K keep-alive connections (one delivery each), holds
 //!   them and reports the relay's RSS.
 //! * `setup` / `purge` / `teardown` — the bench exchange and its one queue.
@@ -18,10 +21,11 @@
 //! appended to `--json-out`).
 //!
 //! Modules: [`load`] (bodies, signing, schedule, tallies), [`relay`] (the
-//! relay and idle modes), [`amqp`] (baseline and topology), [`procfs`] (RSS
+//! relay and idle modes), [`flood`] (the flood mode), [`amqp`] (baseline and topology), [`procfs`] (RSS
 //! and CPU time of the processes under test), [`report`] (the result lines).
 
 mod amqp;
+mod flood;
 mod load;
 mod procfs;
 mod relay;
@@ -46,6 +50,9 @@ enum Mode {
     Relay(relay::RelayArgs),
     /// The same bodies published directly to RabbitMQ with confirms.
     Baseline(amqp::BaselineArgs),
+    /// Forged-signature flood from many connections, with genuine
+    /// deliveries at a fixed rate from another address.
+    Flood(flood::FloodArgs),
     /// Hold K idle keep-alive connections and report the relay's RSS.
     Idle(relay::IdleArgs),
     /// Declare the bench exchange (topic, durable) and one queue bound with '#'.
@@ -66,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         match cli.mode {
             Mode::Relay(args) => relay::run(args).await,
             Mode::Baseline(args) => amqp::baseline(args).await,
+            Mode::Flood(args) => flood::flood(args).await,
             Mode::Idle(args) => relay::idle(args).await,
             Mode::Setup(args) => amqp::setup(&args).await,
             Mode::Purge(args) => amqp::purge(&args).await,

@@ -2,6 +2,7 @@
 //! TLS), the `relay` load run and the `idle` connection hold.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use ocrolus_relay::tls_connector;
 use rustls_pki_types::ServerName;
 use serde_json::json;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::load::{LoadArgs, Outcome, Plan, Signed, Tally, body_pool, presign, read_secret};
 use crate::procfs::{CpuWatch, RssWatch, proc_status};
@@ -70,6 +71,8 @@ pub struct Target {
     port: u16,
     host_header: HeaderValue,
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    /// Local address to connect from (the flood's genuine stream).
+    bind: Option<IpAddr>,
 }
 
 impl Target {
@@ -102,13 +105,34 @@ impl Target {
             port,
             host_header,
             tls,
+            bind: None,
         })
     }
 
+    /// Connections from this local address instead of the kernel's choice.
+    pub fn bind_to(mut self, local: IpAddr) -> Self {
+        self.bind = Some(local);
+        self
+    }
+
     pub async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
+        let tcp = match self.bind {
+            None => TcpStream::connect((self.host.as_str(), self.port)).await,
+            Some(local) => {
+                let remote = tokio::net::lookup_host((self.host.as_str(), self.port))
+                    .await?
+                    .find(|a| a.is_ipv4() == local.is_ipv4())
+                    .ok_or_else(|| anyhow!("{} has no address like {local}", self.host))?;
+                let socket = if local.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                socket.bind(SocketAddr::new(local, 0))?;
+                socket.connect(remote).await
+            }
+        }
+        .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
         tcp.set_nodelay(true)?;
         match &self.tls {
             Some((connector, name)) => {
