@@ -98,6 +98,7 @@ start_relay() { # extra serve flags...
     --spool-dir "$TMP/spool" \
     --rate-limit-per-ip "$RATE_PER_IP" --rate-limit-global 10000000 \
     --max-in-flight 100000 --max-connections $((IDLE_CONNS + 1000)) \
+    --max-connections-per-ip $((IDLE_CONNS + 1000)) \
     --header-timeout 120 "${channels[@]}" "$@" \
     >> "$OUT/relay.log" 2>&1 &
   RELAY_PID=$!
