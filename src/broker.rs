@@ -752,9 +752,10 @@ pub fn properties(envelope: &Envelope) -> BasicProperties {
     }
     put("x-ocrolus-source", &envelope.source);
     put("x-relay-client-ip", &envelope.client_ip);
-    put(
-        "x-relay-received-at",
-        &rfc3339_millis(envelope.received_at_ms),
+    // The formatted time becomes the header's bytes as it is, not a copy.
+    headers.insert(
+        "x-relay-received-at".into(),
+        AMQPValue::LongString(rfc3339_millis(envelope.received_at_ms).into()),
     );
     BasicProperties::default()
         .with_delivery_mode(2)

@@ -14,11 +14,11 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::HeaderMap;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::client::ClientIp;
@@ -83,19 +83,52 @@ pub fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), LimitReject> {
 }
 
 /// Step 7: read the whole body, capped in size and time.
+///
+/// The body is copied at most once. A body that arrives in one frame (a
+/// small delivery) is that frame's bytes, not copied. A longer one is
+/// copied frame by frame into one buffer, reserved at once for the declared
+/// `Content-Length` (never more than `max`), and each frame is freed as
+/// soon as it is copied, so that a large body is not held twice.
 pub async fn read_body<B>(body: B, max: usize, timeout: Duration) -> Result<Bytes, LimitReject>
 where
     B: http_body::Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    match tokio::time::timeout(timeout, Limited::new(body, max).collect()).await {
-        Err(_) => Err(LimitReject::BodyTimeout),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(LimitReject::BodyTooLarge)
+    let declared = body
+        .size_hint()
+        .exact()
+        .and_then(|n| usize::try_from(n).ok());
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let mut first = Bytes::new();
+        let mut joined: Option<BytesMut> = None;
+        let mut len = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| LimitReject::BodyAborted)?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            len = len.saturating_add(data.len());
+            if len > max {
+                return Err(LimitReject::BodyTooLarge);
+            }
+            match &mut joined {
+                Some(buf) => buf.extend_from_slice(&data),
+                None if first.is_empty() => first = data,
+                None => {
+                    let capacity = declared.unwrap_or(len).clamp(len, max);
+                    let mut buf = BytesMut::with_capacity(capacity);
+                    buf.extend_from_slice(&first);
+                    buf.extend_from_slice(&data);
+                    first = Bytes::new();
+                    joined = Some(buf);
+                }
+            }
         }
-        Ok(Err(_)) => Err(LimitReject::BodyAborted),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-    }
+        Ok(joined.map_or(first, BytesMut::freeze))
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err(LimitReject::BodyTimeout))
 }
 
 /// After a refusal: reads and discards the rest of a body, at most `max`
@@ -326,6 +359,32 @@ mod tests {
         assert_eq!(
             read_body(body, 10, Duration::from_secs(1)).await.as_deref(),
             Ok(&b"0123456789"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_in_many_frames_is_joined_in_order_and_capped() {
+        let frames = |n: u8| {
+            http_body_util::StreamBody::new(futures_util::stream::iter((0..n).map(|i| {
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(vec![
+                    b'a' + i;
+                    4
+                ])))
+            })))
+        };
+        assert_eq!(
+            read_body(frames(3), 12, Duration::from_secs(1))
+                .await
+                .as_deref(),
+            Ok(&b"aaaabbbbcccc"[..])
+        );
+        assert_eq!(
+            read_body(frames(4), 12, Duration::from_secs(1)).await,
+            Err(LimitReject::BodyTooLarge)
+        );
+        assert_eq!(
+            read_body(frames(0), 12, Duration::from_secs(1)).await,
+            Ok(Bytes::new())
         );
     }
 

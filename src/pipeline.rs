@@ -122,8 +122,7 @@ pub async fn handle(
                 delivery_id = %accepted.id,
                 "webhook accepted"
             );
-            let body = serde_json::json!({ "id": accepted.id, "status": outcome });
-            json_response(StatusCode::OK, body.to_string(), None)
+            json_response(StatusCode::OK, answer_body(&accepted.id, outcome), None)
         }
         Err(Refused {
             reject,
@@ -344,6 +343,17 @@ async fn deliver(
         outcome,
         source: envelope.source,
     })
+}
+
+/// `{"id":…,"status":…}`, serialised straight into its one buffer (no
+/// intermediate JSON map); the id is escaped like any JSON string.
+fn answer_body(id: &str, status: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        id: &'a str,
+        status: &'a str,
+    }
+    serde_json::to_string(&Answer { id, status }).unwrap_or_default()
 }
 
 fn json_response(
