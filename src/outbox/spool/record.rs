@@ -115,6 +115,9 @@ impl From<PayloadV3> for Envelope {
     }
 }
 
+/// Room reserved for a record's fields before its body.
+const FIELDS_ROOM: usize = 1024;
+
 /// Encodes an event as the current format.
 pub(super) fn encode(envelope: &Envelope) -> Result<Vec<u8>, postcard::Error> {
     let payload = PayloadV3Ref {
@@ -128,7 +131,13 @@ pub(super) fn encode(envelope: &Envelope) -> Result<Vec<u8>, postcard::Error> {
         exchange: envelope.exchange.as_deref(),
         body: &envelope.body,
     };
-    postcard::to_extend(&payload, vec![FORMAT_3])
+    // Sized for the whole record at once, so that the body is copied into
+    // it once: a vector grown by doubling would copy a large body again at
+    // every step. The fields before the body (ids, keys, names, addresses)
+    // take well under FIELDS_ROOM bytes.
+    let mut record = Vec::with_capacity(1 + FIELDS_ROOM + envelope.body.len());
+    record.push(FORMAT_3);
+    postcard::to_extend(&payload, record)
 }
 
 /// Decodes a record of `records`; anything but a complete record of a
