@@ -11,7 +11,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use ocrolus_relay::{Envelope, declare_topology, properties};
 use serde_json::json;
@@ -43,6 +43,10 @@ pub struct TopologyArgs {
     pub exchange: String,
     #[arg(long)]
     pub queue: String,
+    /// `setup`: make the queue a quorum queue (replicated to a majority of
+    /// a cluster's nodes before the confirm), as a production cluster has.
+    #[arg(long)]
+    pub quorum: bool,
 }
 
 async fn amqp_connect(url: &str) -> anyhow::Result<Connection> {
@@ -173,6 +177,13 @@ pub async fn setup(args: &TopologyArgs) -> anyhow::Result<()> {
     declare_topology(&channel, &args.exchange, None, None)
         .await
         .context("declaring the bench exchange")?;
+    let mut arguments = FieldTable::default();
+    if args.quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
     channel
         .queue_declare(
             args.queue.as_str().into(),
@@ -180,7 +191,7 @@ pub async fn setup(args: &TopologyArgs) -> anyhow::Result<()> {
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            FieldTable::default(),
+            arguments,
         )
         .await?;
     channel
