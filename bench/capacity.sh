@@ -15,7 +15,7 @@
 # Every configuration runs REPS times, interleaved (node 1, 2, 3, one relay,
 # two relays, then again), so that a burst of load from other processes on a
 # shared machine hits all of them alike; the summary gives each
-# configuration's median and its min-max spread, and the ratios of medians.
+# configuration's mean and its min-max spread, and the ratios of the means.
 # CPU is read from /proc for the relay processes and all three broker VMs
 # (µs of CPU per delivery), which transfers to other machines better than
 # req/s.
@@ -65,8 +65,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log "build (release)"
-nice -n 10 cargo build --release --workspace --bins --quiet
+# NO_BUILD=1 measures the release binaries already built (say which commit).
+if [[ -z "${NO_BUILD:-}" ]]; then
+  log "build (release)"
+  nice -n 10 cargo build --release --workspace --bins --quiet
+fi
 
 BROKER_PIDS=()
 for n in 1 2 3; do BROKER_PIDS+=("$(scripts/rabbitmq-cluster.sh pid "$n")"); done
@@ -172,7 +175,7 @@ jq -r -s --argjson reps "$REPS" '
   (if $l == "relay2" then [range(0; length; 2) as $i | .[$i].throughput_rps + .[$i + 1].throughput_rps]
    else map(.throughput_rps) end) as $rps |
   ($rps | sort) as $s |
-  "\($l)\t\($s[(length / 2 | floor)] | round)\t\($s[0] | round)-\($s[-1] | round)\t\(map(.latency_us.p99) | sort | .[(length / 2 | floor)])\t\(map(.outcomes | to_entries | map("\(.key)=\(.value)") | join(",")) | unique | join(" "))"' \
+  "\($l)\t\($s | add / length | round)\t\($s[0] | round)-\($s[-1] | round)\t\(map(.latency_us.p99) | sort | .[(length / 2 | floor)])\t\(map(.outcomes | to_entries | map("\(.key)=\(.value)") | join(",")) | unique | join(" "))"' \
   "$RESULTS" | sort >"$OUT/summary.tsv"
 awk -F'\t' -v hz="$(getconf CLK_TCK)" '
   { b[$1] += $2; r[$1] += $3; n[$1]++; la[$1] = la[$1] " " $4 }
@@ -180,12 +183,12 @@ awk -F'\t' -v hz="$(getconf CLK_TCK)" '
   "$CPU_LOG" | sort >"$OUT/cpu-sum.tsv"
 jq -r -s 'group_by(.label) | .[] | "\(.[0].label)\t\(map(.ok) | add)"' "$RESULTS" | sort >"$OUT/ok.tsv"
 join -t $'\t' "$OUT/summary.tsv" "$OUT/cpu-sum.tsv" | join -t $'\t' - "$OUT/ok.tsv" |
-  awk -F'\t' 'BEGIN { OFS = "\t"; print "config", "median req/s", "min-max", "p99 us", "outcomes", "broker CPU us/req (3 nodes)", "relay CPU us/req", "load avg per run" }
+  awk -F'\t' 'BEGIN { OFS = "\t"; print "config", "mean req/s", "min-max", "p99 us", "outcomes", "broker CPU us/req (3 nodes)", "relay CPU us/req", "load avg per run" }
     { print $1, $2, $3, $4, $5, ($9 ? int($6 / $9) : "-"), ($9 && $7 ? int($7 / $9) : "-"), $8 }' |
   tee "$OUT/table.tsv" | column -t -s $'\t' >&2
-med() { awk -F'\t' -v l="$1" '$1 == l { print $2 }' "$OUT/summary.tsv"; }
-jq -rn --argjson r1 "$(med relay1)" --argjson r2 "$(med relay2)" --argjson n1 "$(med node1)" \
-  --argjson n2 "$(med node2)" --argjson n3 "$(med node3)" '
+mean() { awk -F'\t' -v l="$1" '$1 == l { print $2 }' "$OUT/summary.tsv"; }
+jq -rn --argjson r1 "$(mean relay1)" --argjson r2 "$(mean relay2)" --argjson n1 "$(mean node1)" \
+  --argjson n2 "$(mean node2)" --argjson n3 "$(mean node3)" '
   "two replicas / one replica: \($r2 / $r1 * 100 | round / 100)",
   "one replica / direct publish through node 1: \($r1 / $n1 * 100 | round / 100)",
   "through node 2 / node 1: \($n2 / $n1 * 100 | round / 100); node 3 / node 1: \($n3 / $n1 * 100 | round / 100) (the queue leader is on node 1)"' |
