@@ -11,6 +11,9 @@
 #   RELAY_BIN=/tmp/relay-before NO_BUILD=1 SECTIONS=throughput bench/run.sh  # A/B builds
 #
 # Sections: throughput latency sizes idle tls flood channels(off by default).
+# idle: 10,000 idle connections on a fresh relay each, plaintext and TLS,
+# after one delivery and with no request (IDLE_CONNS; the relay gets
+# --max-connections IDLE_CONNS+1000 and needs as many descriptors).
 # Results: one JSON line per run in $OUT/results.jsonl plus a summary.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -82,7 +85,23 @@ trusted_proxies: []
 EOF
 
 URL="http://127.0.0.1:$PORT/webhooks/ocrolus"
-TRANSPORT=(--plaintext) # the TLS section swaps in --tls-cert/--tls-key
+TLS_URL="https://127.0.0.1:$PORT/webhooks/ocrolus"
+TRANSPORT=(--plaintext) # the TLS cases swap in --tls-cert/--tls-key
+
+# A throwaway CA and a leaf for 127.0.0.1 (webpki refuses a CA as leaf), made
+# once with the openssl CLI; fails when there is no openssl.
+make_tls_files() {
+  [[ -f "$TMP/cert.pem" ]] && return 0
+  command -v openssl >/dev/null || return 1
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj /CN=relay-bench-ca -keyout "$TMP/ca-key.pem" -out "$TMP/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+    -keyout "$TMP/key.pem" -out "$TMP/leaf.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n' \
+    > "$TMP/leaf.ext"
+  openssl x509 -req -in "$TMP/leaf.csr" -CA "$TMP/ca.pem" -CAkey "$TMP/ca-key.pem" \
+    -CAcreateserial -days 1 -extfile "$TMP/leaf.ext" -out "$TMP/cert.pem" 2>/dev/null
+}
 
 start_relay() { # extra serve flags...
   stop_relay
@@ -187,11 +206,24 @@ if has sizes; then
 fi
 
 if has idle; then
-  log "idle: $IDLE_CONNS keep-alive connections"
-  start_relay # fresh process: RSS not inflated by the runs above
-  "${BENCH[@]}" idle --url "$URL" --secret-file "$TMP/secret" --relay-pid "$RELAY_PID" \
-    --connections "$IDLE_CONNS" --hold 10 --label "idle-$IDLE_CONNS" --json-out "$RESULTS" >/dev/null
-  purge
+  # Each case on a fresh process, so RSS is not inflated by the runs before.
+  # KiB per connection = (RSS holding - RSS before) / connections still open.
+  idle_case() { # label extra-idle-args...
+    local label=$1; shift
+    log "idle: $IDLE_CONNS connections, $label"
+    start_relay
+    "${BENCH[@]}" idle --secret-file "$TMP/secret" --relay-pid "$RELAY_PID" \
+      --connections "$IDLE_CONNS" --hold 10 --label "$label" --json-out "$RESULTS" "$@" >/dev/null
+    purge
+  }
+  idle_case "idle-$IDLE_CONNS" --url "$URL"
+  idle_case "idle-silent-$IDLE_CONNS" --url "$URL" --no-request
+  if make_tls_files; then
+    TRANSPORT=(--tls-cert "$TMP/cert.pem" --tls-key "$TMP/key.pem")
+    idle_case "idle-tls-$IDLE_CONNS" --url "$TLS_URL" --ca-file "$TMP/ca.pem"
+    idle_case "idle-tls-silent-$IDLE_CONNS" --url "$TLS_URL" --ca-file "$TMP/ca.pem" --no-request
+    TRANSPORT=(--plaintext)
+  fi
   log "steady load after idle test: c=64 1 KiB, fresh relay"
   start_relay
   run_relay "steady-rss" "$URL" --concurrency 64 --requests "$REQUESTS" --duration 30
@@ -227,22 +259,14 @@ if has channels; then
 fi
 
 if has tls; then
-  if command -v openssl >/dev/null; then
+  if make_tls_files; then
     log "TLS: c=64 1 KiB over HTTPS (self-signed, rustls both sides)"
-    # A throwaway CA and a leaf for 127.0.0.1 (webpki refuses a CA as leaf).
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-      -subj /CN=relay-bench-ca -keyout "$TMP/ca-key.pem" -out "$TMP/ca.pem" 2>/dev/null
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
-      -keyout "$TMP/key.pem" -out "$TMP/leaf.csr" 2>/dev/null
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n' \
-      > "$TMP/leaf.ext"
-    openssl x509 -req -in "$TMP/leaf.csr" -CA "$TMP/ca.pem" -CAkey "$TMP/ca-key.pem" \
-      -CAcreateserial -days 1 -extfile "$TMP/leaf.ext" -out "$TMP/cert.pem" 2>/dev/null
     # Same flags, TLS instead of plaintext.
     TRANSPORT=(--tls-cert "$TMP/cert.pem" --tls-key "$TMP/key.pem")
     start_relay
-    run_relay "tls-c64" "https://127.0.0.1:$PORT/webhooks/ocrolus" --ca-file "$TMP/ca.pem" \
+    run_relay "tls-c64" "$TLS_URL" --ca-file "$TMP/ca.pem" \
       --concurrency 64 --requests "$REQUESTS" --duration 30
+    TRANSPORT=(--plaintext)
   else
     log "TLS skipped: no openssl"
   fi
@@ -262,7 +286,7 @@ jq -r -s '
    ((.outcomes|to_entries|map("\(.key)=\(.value)")|join(",")))] | @tsv' \
   "$RESULTS" | column -t -N mode,label,conc,body,req/s,p50us,p99us,p999us,rssMiB,cpu_us/req:bench/relay/broker,outcomes >&2 || true
 jq -r -s '.[] | select(.mode == "idle") |
-  "idle \(.opened) conns (\(.still_open_after_hold) open after hold): relay RSS \(.relay_rss_holding_kib/1024|floor) MiB, peak \(.relay_rss.vm_hwm_kib/1024|floor) MiB"' \
+  "\(.label): \(.opened) conns (\(.still_open_after_hold) open after hold): relay RSS \(.relay_rss_before_kib/1024|floor) -> \(.relay_rss_holding_kib/1024|floor) MiB, \(.kib_per_connection) KiB/conn, peak \(.relay_rss.vm_hwm_kib/1024|floor) MiB"' \
   "$RESULTS" >&2 || true
 jq -r -s '.[] | select(.mode == "flood") |
   "\(.label): \(.throughput_rps|round) rejected req/s \(.outcomes), relay CPU \(.cpu_us_per_request.relay) us/rejected; genuine \(.genuine.ok)/\(.genuine.sent) ok, p99 \(.genuine.latency_us.p99) us"' \

@@ -12,7 +12,8 @@
 //!   genuine deliveries at a fixed rate from a second source address; the
 //!   relay's CPU per rejected request and the genuine p99.
 //! * `idle`     — opens K keep-alive connections (one delivery each), holds
-//!   them and reports the relay's RSS.
+//!   them and reports the relay's RSS and KiB per connection; with
+//!   `--no-request` ([`silent`]) the connections send no request at all.
 //! * `setup` / `purge` / `teardown` — the bench exchange and its one queue.
 //!
 //! Latency is measured per request from the moment it is handed to the
@@ -30,6 +31,7 @@ mod load;
 mod procfs;
 mod relay;
 mod report;
+mod silent;
 
 use clap::{Parser, Subcommand};
 

@@ -56,6 +56,10 @@ pub struct IdleArgs {
     /// Seconds to hold the idle connections.
     #[arg(long, default_value_t = 10.0)]
     pub hold: f64,
+    /// Send no request: plaintext connections send nothing at all, TLS
+    /// ones only the handshake.
+    #[arg(long)]
+    pub no_request: bool,
     #[arg(long)]
     pub relay_pid: Option<u32>,
     #[arg(long, default_value = "")]
@@ -144,6 +148,16 @@ impl Target {
             }
             None => handshake(TokioIo::new(tcp)).await,
         }
+    }
+
+    /// A connection with no HTTP on it: TCP, plus the handshake for TLS.
+    pub async fn open_raw(&self) -> anyhow::Result<Box<dyn crate::silent::Held>> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        tcp.set_nodelay(true)?;
+        Ok(match &self.tls {
+            Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await?),
+            None => Box::new(tcp),
+        })
     }
 
     pub fn request(&self, d: &Signed) -> anyhow::Result<Request<Full<Bytes>>> {
@@ -292,6 +306,9 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
 pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let secret = read_secret(&args.secret_file)?;
     let target = Arc::new(Target::new(&args.url, args.ca_file.as_deref())?);
+    if args.no_request {
+        return idle_no_request(args, target).await;
+    }
     let bodies = body_pool("document.verification_succeeded", 1024, 64)?;
     let deliveries = Arc::new(presign(&secret, &bodies, args.connections)?);
     let rss = RssWatch::start(args.relay_pid);
@@ -335,33 +352,101 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
     let still_open = held.iter().filter(|s| !s.is_closed()).count();
     let during = args.relay_pid.map(proc_status).unwrap_or_default();
-    let rss = rss.finish();
     let outcomes: BTreeMap<String, u64> = outcomes.iter().map(|(k, v)| (k.label(), *v)).collect();
+    let opened = Opened {
+        count: held.len(),
+        still_open,
+        took: opened_in,
+        tls: target.tls.is_some(),
+        outcomes: json!(outcomes),
+    };
+    idle_report(&args, &opened, &before, &during, &rss)?;
+    drop(held);
+    Ok(())
+}
+
+/// `idle --no-request`: connections that never send a request.
+async fn idle_no_request(args: IdleArgs, target: Arc<Target>) -> anyhow::Result<()> {
+    let rss = RssWatch::start(args.relay_pid);
+    let before = args.relay_pid.map(proc_status).unwrap_or_default();
+    let started = Instant::now();
+    let tls = target.tls.is_some();
+    let (mut held, failed) =
+        crate::silent::open(target, args.connections, args.open_concurrency).await;
+    let opened_in = started.elapsed();
+    eprintln!(
+        "idle: {} silent connections open after {:.1}s ({failed} failed); holding {:.0}s",
+        held.len(),
+        opened_in.as_secs_f64(),
+        args.hold
+    );
+    tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    let during = args.relay_pid.map(proc_status).unwrap_or_default();
+    let opened = Opened {
+        count: held.len(),
+        still_open: crate::silent::still_open(&mut held),
+        took: opened_in,
+        tls,
+        outcomes: json!({ "no_request": held.len(), "connect_failed": failed }),
+    };
+    idle_report(&args, &opened, &before, &during, &rss)?;
+    drop(held);
+    Ok(())
+}
+
+/// What an idle run opened.
+struct Opened {
+    count: usize,
+    still_open: usize,
+    took: Duration,
+    tls: bool,
+    outcomes: serde_json::Value,
+}
+
+/// The idle result line: RSS before and while holding, and the difference
+/// per open connection in KiB.
+fn idle_report(
+    args: &IdleArgs,
+    opened: &Opened,
+    before: &BTreeMap<String, u64>,
+    during: &BTreeMap<String, u64>,
+    rss: &RssWatch,
+) -> anyhow::Result<()> {
+    let rss = rss.finish();
+    let before_kib = before.get("VmRSS").copied().unwrap_or(0);
+    let during_kib = during.get("VmRSS").copied().unwrap_or(0);
+    let per_connection_kib = if opened.still_open == 0 {
+        0.0
+    } else {
+        (during_kib as f64 - before_kib as f64) / opened.still_open as f64
+    };
     let result = json!({
         "mode": "idle",
         "label": args.label,
+        "tls": opened.tls,
+        "no_request": args.no_request,
         "connections": args.connections,
-        "opened": held.len(),
-        "still_open_after_hold": still_open,
-        "open_s": opened_in.as_secs_f64(),
+        "opened": opened.count,
+        "still_open_after_hold": opened.still_open,
+        "open_s": opened.took.as_secs_f64(),
         "hold_s": args.hold,
-        "outcomes": outcomes,
+        "outcomes": opened.outcomes,
         "relay_rss_before_kib": before.get("VmRSS"),
         "relay_rss_holding_kib": during.get("VmRSS"),
+        "kib_per_connection": (per_connection_kib * 100.0).round() / 100.0,
         "relay_rss": rss,
     });
     eprintln!(
-        "idle     {} {} conns ({} still open after {:.0}s): relay RSS before {:.1} MiB, holding {:.1} MiB, peak {:.1} MiB outcomes={:?}",
+        "idle     {} {} conns ({} still open after {:.0}s): relay RSS before {:.1} MiB, holding {:.1} MiB, peak {:.1} MiB, {:.2} KiB/conn outcomes={}",
         args.label,
-        held.len(),
-        still_open,
+        opened.count,
+        opened.still_open,
         args.hold,
-        before.get("VmRSS").copied().unwrap_or(0) as f64 / 1024.0,
-        during.get("VmRSS").copied().unwrap_or(0) as f64 / 1024.0,
+        before_kib as f64 / 1024.0,
+        during_kib as f64 / 1024.0,
         result["relay_rss"]["vm_hwm_kib"].as_u64().unwrap_or(0) as f64 / 1024.0,
-        outcomes,
+        per_connection_kib,
+        opened.outcomes,
     );
-    emit(&result, args.json_out.as_deref())?;
-    drop(held);
-    Ok(())
+    emit(&result, args.json_out.as_deref())
 }
