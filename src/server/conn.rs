@@ -47,13 +47,18 @@ where
     let service_state = state.clone();
     let (activity, requests) = watch::channel(0usize);
     let activity = Arc::new(activity);
+    // Boxed: hyper's HTTP/1 dispatcher allocates one slot the size of the
+    // service future for the whole life of the connection. The pipeline's
+    // future is ~4.5 KiB; behind a box an idle keep-alive connection holds a
+    // pointer, and the pipeline's state lives only while a request does
+    // (BENCHMARKS.md, "Memory per idle connection").
     let service = service_fn(move |req: Request<Incoming>| {
         let active = ActiveRequest::start(&activity);
         let state = service_state.clone();
-        async move {
+        Box::pin(async move {
             let _active = active;
             Ok::<_, Infallible>(pipeline::handle(&state, peer, req).await)
-        }
+        })
     });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     let conn = watcher.watch(conn.into_owned());
