@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The bounded soak of issue 12 (Evidence): 60 s of a flood of rejected
+# The bounded soak: 60 s of a flood of rejected
 # requests from a non-allowlisted address (127.0.0.2) over many connections,
 # a steady stream of genuine signed deliveries, a poison event (nacked by a
 # full reject-publish queue) and a 10 s broker stall, all at once. Prints one

@@ -39,13 +39,13 @@ const TLS_URL: &str = "amqps://guest:guest@localhost:5691/%2f";
 /// Upper bound for anything that "eventually" happens on a busy 2-core box
 /// (a node restart alone takes 20-30 s here).
 const EVENTUALLY: Duration = Duration::from_secs(180);
-/// The issue's bound: new events are `published` again within 10 s of a
+/// The promised bound: new events are `published` again within 10 s of a
 /// node stop.
 const RECOVERY_BOUND: Duration = Duration::from_secs(10);
-/// How long the whole cluster stays down under load. The issue asks for
-/// 60 s; 20 s exercises the same path (every connect refused, backoff at
-/// its 5 s ceiling, every event spooled) at a third of the CI time.
-const CLUSTER_OUTAGE: Duration = Duration::from_secs(20);
+/// How long the whole cluster stays down under load: a full minute, well
+/// past the backoff's ceiling, so the relay has retried every node many
+/// times and spooled every event before the cluster comes back.
+const CLUSTER_OUTAGE: Duration = Duration::from_secs(60);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 

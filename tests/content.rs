@@ -1,4 +1,4 @@
-//! Issue 12: an authentic delivery is never lost for its content.
+//! An authentic delivery is never lost for its content.
 //! - Any JSON body that passed authentication is published, exact bytes; one
 //!   the relay cannot classify goes to `ocrolus.unclassified` with an
 //!   `x-relay-unclassified` reason. Only bodies that are not JSON get 400.

@@ -1,4 +1,4 @@
-//! Issue 12, item 4: a secret file can never silently switch HMAC off.
+//! A secret file can never silently switch HMAC off.
 //! A line starting with `#` is a secret unless `#` is followed by a space
 //! (or stands alone), a secret file that yields no secret is a
 //! configuration error, and the file's mode is checked (group/others

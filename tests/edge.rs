@@ -1,6 +1,6 @@
 //! The connection side of the edge: what happens to a keep-alive connection
-//! after each answer (issue 17), and what a client may cost in connections
-//! before it is known to be allowed (issue 12). Raw sockets throughout, so
+//! after each answer, and what a client may cost in connections
+//! before it is known to be allowed. Raw sockets throughout, so
 //! the tests see the `Connection` header and the server's close itself.
 
 mod common;
@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 
 /// Slack on top of a configured timeout before a test calls it missed.
 const MARGIN: Duration = Duration::from_secs(4);
-/// How long after its headers the test client sends a body (issue 17).
+/// How long after its headers the test client sends a body.
 const BODY_LATER: Duration = Duration::from_millis(50);
 
 fn opts(allow: &[&str], trusted: &[&str], extra: &[&str]) -> RelayOptions {
@@ -64,7 +64,7 @@ async fn head_then_body(stream: &mut TcpStream, head: &str, body: &[u8]) -> Raw 
     read_response(stream, MARGIN).await
 }
 
-/// Issue 17's rule after `first` on `stream`: an answer that says
+/// The keep-or-close rule after `first` on `stream`: an answer that says
 /// `Connection: close` is followed by the close; any other leaves the
 /// connection usable, so a genuine delivery sent next gets an answer.
 /// Returns that answer's status (`None` after a close).
@@ -119,7 +119,7 @@ enum Closes {
     No,
 }
 
-// ---------------------------------------------------------------- issue 17
+// ---------------------------------------------------------------- keep or close after an answer
 
 /// The report: a 429 answered before the body is read said nothing about
 /// the connection, the relay closed it, and the next request on it failed
@@ -449,7 +449,7 @@ async fn keep_alive_clients_under_rate_limiting_see_no_transport_errors() {
     relay.finish(&broker, &[&queue]).await;
 }
 
-// ---------------------------------------------------------------- issue 12: connection hogs
+// ---------------------------------------------------------------- connection hogs
 
 /// A plain socket to the relay from a given local address (127.0.0.0/8 is
 /// all loopback on Linux, so each address is a different client).
@@ -496,7 +496,7 @@ async fn deliver_tls(
 
 const BODY: &[u8] = br#"{"event_name":"book.verified","book_pk":1}"#;
 
-/// Issue 12's attacker: `n` connections from `from` that each send
+/// The connection hog: `n` connections from `from` that each send
 /// `GET / HTTP/1.1` every `period` (inside the header timeout, so an idle
 /// timer never fires) and reconnect at once whenever the relay closes one
 /// (or refuses it: then after a pause). Runs
@@ -773,7 +773,7 @@ async fn admin_listener_connections_are_capped() {
     relay.finish(&broker, &[]).await;
 }
 
-// ---------------------------------------------------------------- issue 12: PROXY protocol, transfer codings
+// ---------------------------------------------------------------- PROXY protocol, transfer codings
 
 /// One delivery, claiming `forwarded` in X-Forwarded-For, on a connection
 /// that starts with `preamble`: the status, 0 if closed without an answer.

@@ -1,4 +1,4 @@
-//! Issue 12, items 2 and 3: nothing in the spool stops delivery. An event the
+//! Nothing in the spool stops delivery. An event the
 //! broker keeps refusing (unroutable, nacked by a full `reject-publish`
 //! queue) never holds back the events spooled behind it and ends up in the
 //! dead-letter exchange; unreadable records and unreadable spool files are
@@ -424,7 +424,7 @@ fn write_table(path: &std::path::Path, table: &str, rows: &[(u64, Vec<u8>)]) {
     txn.commit().expect("commit");
 }
 
-/// The issue's case: garbage written into the spool (300 records at the
+/// The reported case: garbage written into the spool (300 records at the
 /// head, more than one read batch, and more in the middle), as a small
 /// redb program would. Before the fix the drainer spun at ~97 % of a core
 /// writing ~50,000 error lines a second, and with 256 or more bad records
@@ -569,7 +569,7 @@ async fn corrupt_records_at_the_head_and_in_the_middle_do_not_spin_the_drainer()
     }
 }
 
-/// A spool file that is not a database at all (the issue: truncated, not a
+/// A spool file that is not a database at all (as reported: truncated, not a
 /// redb file): the relay says so once, moves it aside, starts with a fresh
 /// spool and delivers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

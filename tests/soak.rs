@@ -1,4 +1,4 @@
-//! The bounded soak of issue 12 ("Evidence"): for `SOAK_SECS` (60) at once,
+//! The bounded soak: for `SOAK_SECS` (60) at once,
 //! a flood of rejected requests from a non-allowlisted address (127.0.0.2)
 //! over many connections, a steady stream of genuine signed deliveries, a
 //! poison event (its queue is a full `reject-publish` queue) and a broker
