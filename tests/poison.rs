@@ -395,7 +395,7 @@ async fn quarantined_event_is_replayed_through_the_running_relay() {
 }
 
 // ---------------------------------------------------------------------------
-// Item 3: unreadable records and files, with the real binary (its logs and
+// Unreadable records and files, with the real binary (its logs and
 // CPU time are what the defect was about).
 
 /// The previous release's record layout (format 1): a postcard-encoded

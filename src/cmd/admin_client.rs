@@ -21,29 +21,27 @@ const DEFAULT_ADMIN_LISTEN: SocketAddr =
 
 /// The admin listener to ask: `--admin-listen` if given, else
 /// `admin_listen` of the relay's config file (`--config`), else `serve`'s
-/// default.
-pub fn admin_listen(
-    flag: Option<SocketAddr>,
-    config: Option<&Path>,
-) -> Result<SocketAddr, ConfigError> {
-    match (flag, config) {
-        (Some(listen), _) => Ok(listen),
+/// default; an unspecified bind address is reached on this host.
+pub fn address(flag: Option<SocketAddr>, config: Option<&Path>) -> Result<SocketAddr, ConfigError> {
+    let listen = match (flag, config) {
+        (Some(listen), _) => listen,
         (None, Some(path)) => match ConfigFile::load(path)?.value("admin_listen") {
             Some(text) => text.parse().map_err(|e| {
                 ConfigError::new(format!(
                     "config file {}: `admin_listen` {text:?}: {e}",
                     path.display()
                 ))
-            }),
-            None => Ok(DEFAULT_ADMIN_LISTEN),
+            })?,
+            None => DEFAULT_ADMIN_LISTEN,
         },
-        (None, None) => Ok(DEFAULT_ADMIN_LISTEN),
-    }
+        (None, None) => DEFAULT_ADMIN_LISTEN,
+    };
+    Ok(target(listen))
 }
 
 /// Where to reach an admin listener bound to `listen`: an unspecified
 /// address (`0.0.0.0`, `::`, as in a container) means this host.
-pub fn target(listen: SocketAddr) -> SocketAddr {
+fn target(listen: SocketAddr) -> SocketAddr {
     let ip = match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -52,11 +50,28 @@ pub fn target(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
-/// The outcome of one GET.
+/// The outcome of one request.
 #[derive(Debug)]
 pub struct Reply {
+    /// `GET http://127.0.0.1:9090/livez`, for messages.
+    pub request: String,
     pub status: StatusCode,
     pub body: Bytes,
+}
+
+impl Reply {
+    /// The body of a 200, else an error naming the request and the answer.
+    pub fn ok(self) -> anyhow::Result<Bytes> {
+        if self.status != StatusCode::OK {
+            anyhow::bail!(
+                "{} answered {}: {}",
+                self.request,
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            );
+        }
+        Ok(self.body)
+    }
 }
 
 /// `GET http://{addr}{path}`, bounded by `timeout` from connect to body.
@@ -91,13 +106,18 @@ async fn exchange(method: Method, addr: SocketAddr, path: &str) -> anyhow::Resul
         .uri(path)
         .header(http::header::HOST, addr.to_string())
         .body(Empty::<Bytes>::new())?;
+    let described = format!("{method} http://{addr}{path}");
     let response = sender
         .send_request(request)
         .await
-        .with_context(|| format!("{method} http://{addr}{path}"))?;
+        .with_context(|| described.clone())?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
-    Ok(Reply { status, body })
+    Ok(Reply {
+        request: described,
+        status,
+        body,
+    })
 }
 
 #[cfg(test)]

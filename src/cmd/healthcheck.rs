@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
 use http::StatusCode;
 
 use crate::cmd::admin_client;
@@ -32,16 +31,14 @@ pub struct HealthcheckArgs {
 
 pub async fn run(args: HealthcheckArgs) -> anyhow::Result<()> {
     let path = if args.ready { "/readyz" } else { "/livez" };
-    let listen = admin_client::admin_listen(args.admin_listen, args.config.as_deref())?;
-    let addr = admin_client::target(listen);
+    let addr = admin_client::address(args.admin_listen, args.config.as_deref())?;
     let reply = admin_client::get(addr, path, args.timeout).await?;
-    let body = String::from_utf8_lossy(&reply.body);
-    if reply.status != StatusCode::OK {
-        bail!("GET http://{addr}{path} answered {}: {body}", reply.status);
-    }
+    let request = reply.request.clone();
+    let body = reply.ok()?;
     println!(
-        "ok: GET http://{addr}{path} answered {}: {body}",
-        reply.status
+        "ok: {request} answered {}: {}",
+        StatusCode::OK,
+        String::from_utf8_lossy(&body)
     );
     Ok(())
 }

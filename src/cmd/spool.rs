@@ -116,7 +116,7 @@ enum Owner {
 }
 
 pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
-    let listen = admin_client::admin_listen(args.admin_listen, args.config.as_deref())?;
+    let addr = admin_client::address(args.admin_listen, args.config.as_deref())?;
     // The config file's spool is where to read when no relay answers; a
     // relay that answers is trusted for its own unless --spool-dir names one.
     let file_dir = match (&args.spool_dir, &args.config) {
@@ -126,7 +126,6 @@ pub async fn run(args: SpoolArgs) -> anyhow::Result<()> {
             .map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from),
         (None, None) => PathBuf::from(DEFAULT_DIR),
     };
-    let addr = admin_client::target(listen);
     match find_owner(addr, args.spool_dir.as_deref(), file_dir).await {
         Owner::Relay { addr, stats } => {
             eprintln!(
@@ -197,14 +196,8 @@ async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
     if reply.status == StatusCode::NOT_FOUND {
         bail!("GET {path} answered 404: a relay too old for this command, or not a relay");
     }
-    if reply.status != StatusCode::OK {
-        bail!(
-            "GET http://{addr}{path} answered {}: {}",
-            reply.status,
-            String::from_utf8_lossy(&reply.body)
-        );
-    }
-    serde_json::from_slice(&reply.body).with_context(|| format!("GET http://{addr}{path}"))
+    let request = reply.request.clone();
+    serde_json::from_slice(&reply.ok()?).with_context(|| request)
 }
 
 async fn via_relay(addr: SocketAddr, stats: Value, action: SpoolAction) -> anyhow::Result<()> {
@@ -219,12 +212,8 @@ async fn via_relay(addr: SocketAddr, stats: Value, action: SpoolAction) -> anyho
                 limit.clamp(1, MAX_LIMIT),
                 if quarantine { "&quarantine=1" } else { "" }
             );
-            let reply = admin_client::get(addr, &path, ADMIN_TIMEOUT).await?;
-            let body = String::from_utf8_lossy(&reply.body);
-            if reply.status != StatusCode::OK {
-                bail!("GET http://{addr}{path} answered {}: {body}", reply.status);
-            }
-            print!("{body}");
+            let body = admin_client::get(addr, &path, ADMIN_TIMEOUT).await?.ok()?;
+            print!("{}", String::from_utf8_lossy(&body));
         }
         SpoolAction::Replay {
             quarantine,

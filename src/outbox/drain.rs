@@ -133,51 +133,45 @@ impl Drainer {
         loop {
             self.spool.refresh_gauges();
             let idle = self.spool.stats().messages == 0 || !self.broker.is_up();
-            if idle {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = self.spool.appended() => {}
-                    _ = self.broker.became_up() => {}
-                    () = self.spool.drain_requested() => state.retry_now(&mut backoff),
-                    _ = tokio::time::sleep(IDLE_POLL) => {}
-                }
-                continue;
-            }
-            let result = if state.unremoved.is_empty() {
-                self.round(&shutdown, &mut state).await
+            let wait = if idle {
+                IDLE_POLL
             } else {
-                self.remove_confirmed(&mut state.unremoved)
-                    .await
-                    .map(|()| Round::Progress)
-            };
-            if shutdown.is_cancelled() {
-                if !state.unremoved.is_empty() {
-                    warn!(
-                        events = state.unremoved.len(),
-                        "confirmed events still in the spool; they will be published again"
-                    );
-                }
-                return;
-            }
-            let wait = match result {
-                Ok(Round::Progress) => {
-                    backoff.reset();
-                    continue;
-                }
-                Ok(Round::Stalled(due)) => due.map_or_else(
-                    || backoff.next_delay(),
-                    |due| due.saturating_duration_since(Instant::now()),
-                ),
-                Err(reason) => {
-                    if let Some(held_back) = state.logs.admit(LOG_PAUSED) {
-                        warn!(%reason, held_back, "spool drain paused");
+                let result = if state.unremoved.is_empty() {
+                    self.round(&shutdown, &mut state).await
+                } else {
+                    self.remove_confirmed(&mut state.unremoved)
+                        .await
+                        .map(|()| Round::Progress)
+                };
+                if shutdown.is_cancelled() {
+                    if !state.unremoved.is_empty() {
+                        warn!(
+                            events = state.unremoved.len(),
+                            "confirmed events still in the spool; they will be published again"
+                        );
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        () = self.spool.drain_requested() => state.retry_now(&mut backoff),
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    return;
+                }
+                match result {
+                    Ok(Round::Progress) => {
+                        backoff.reset();
+                        continue;
                     }
-                    continue;
+                    Ok(Round::Stalled(due)) => due.map_or_else(
+                        || backoff.next_delay(),
+                        |due| due.saturating_duration_since(Instant::now()),
+                    ),
+                    Err(reason) => {
+                        if let Some(held_back) = state.logs.admit(LOG_PAUSED) {
+                            warn!(%reason, held_back, "spool drain paused");
+                        }
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            () = self.spool.drain_requested() => state.retry_now(&mut backoff),
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        }
+                        continue;
+                    }
                 }
             };
             tokio::select! {
