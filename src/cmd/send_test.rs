@@ -250,7 +250,7 @@ where
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
     let response = sender.send_request(request).await.map_err(|e| {
-        if e.is_canceled() || e.is_incomplete_message() {
+        if closed_without_answer(&e) {
             anyhow!(
                 "the relay closed the connection without answering: it does so to peers not on \
                  its allowlist, before reading a byte (the relay logs reason=\"peer_not_allowed\")"
@@ -262,6 +262,23 @@ where
     let status = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, body))
+}
+
+/// Whether the relay closed the connection before answering. Depending on
+/// timing the client sees that as an end of stream, or, when its request
+/// reached a socket the relay had already closed, as a reset or a broken
+/// pipe.
+fn closed_without_answer(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    let reset = std::iter::successors(Some(e as &dyn std::error::Error), |cause| cause.source())
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+            )
+        });
+    e.is_canceled() || e.is_incomplete_message() || reset
 }
 
 /// A TLS client trusting the system roots plus `ca_file` (the load
