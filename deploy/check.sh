@@ -293,6 +293,7 @@ spool_errors_total connections_rejected_total tls_handshake_failures_total
 config_reloads_total spool_dead_lettered_total spool_quarantined_total""".split()
 gauges = """broker_up broker_blocked spool_messages spool_bytes
 spool_oldest_age_seconds spool_max_bytes spool_max_messages connections_open
+connections_parked
 requests_in_flight tls_cert_expiry_timestamp_seconds ready build_info
 spool_quarantined_messages spool_files_moved_aside
 

@@ -1249,3 +1249,99 @@ async fn idle_connections_are_closed_after_the_header_timeout() {
     );
     relay.finish(&broker, &[&queue]).await;
 }
+
+/// Sends one delivery on a kept-alive HTTP/1.1 stream, in two writes
+/// `between` apart (the head's first bytes, then the rest), and reads the
+/// answer.
+async fn deliver_in_two_writes<S>(
+    relay: &TestRelay,
+    stream: &mut S,
+    id: &str,
+    between: Duration,
+) -> Raw
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let headers = with(signed(id, BODY), "content-length", &BODY.len().to_string());
+    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
+    bytes.extend(BODY);
+    let (first, rest) = bytes.split_at(10);
+    stream.write_all(first).await.expect("write");
+    tokio::time::sleep(between).await;
+    stream.write_all(rest).await.expect("write");
+    read_response(stream, MARGIN).await
+}
+
+#[tokio::test]
+async fn keep_alive_connections_give_hyper_back_when_quiet_and_are_served_again() {
+    require_broker!();
+    // Released after 1 s of quiet, closed after 6 s.
+    let extra = ["--header-timeout", "6"];
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &extra)).await;
+    let stream = TcpStream::connect(relay.addr).await.expect("connect");
+    served_across_releases(relay, stream).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = write_cert(dir.path());
+    let relay = TestRelay::start(tls_relay_options(dir.path(), &extra)).await;
+    let stream = tls_connect(relay.addr, &connector(&[cert], &[b"http/1.1"], TLS_BOTH)).await;
+    served_across_releases(relay, stream).await;
+}
+
+/// Three deliveries on one connection: at once; after a quiet spell past
+/// the release, in two pieces; and with its first bytes arriving just
+/// before a release would be due and the rest well after. Each is answered
+/// 200 without a close and published with its exact bytes, and the
+/// connection still closes once idle past the header timeout.
+async fn served_across_releases<S>(relay: TestRelay, mut stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (broker, queue) = relay.watch_all().await;
+    let what = relay.url.clone();
+    let parked = "ocrolus_relay_connections_parked";
+    let pauses = [
+        (Duration::ZERO, Duration::ZERO),
+        (Duration::from_millis(1600), Duration::from_millis(300)),
+        (Duration::from_millis(900), Duration::from_millis(1500)),
+    ];
+    let mut ids = Vec::new();
+    for (i, (quiet, between)) in pauses.into_iter().enumerate() {
+        tokio::time::sleep(quiet).await;
+        if i == 1 {
+            let now = relay.metric(parked).await;
+            assert_eq!(now, 1.0, "{what}: quiet {quiet:?} and still holding hyper");
+        }
+        let id = new_id();
+        let answer = deliver_in_two_writes(&relay, &mut stream, &id, between).await;
+        assert_eq!(
+            answer.status,
+            Some(200),
+            "{what}, request {i}: {}",
+            answer.text
+        );
+        assert!(
+            !answer.says_close() && !answer.closed,
+            "{what}: {}",
+            answer.text
+        );
+        ids.push(id);
+    }
+    let got = broker
+        .drain(&queue, ids.len(), Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        got.iter().map(message_id).collect::<Vec<_>>(),
+        ids,
+        "{what}"
+    );
+    assert!(got.iter().all(|m| m.data == BODY), "{what}: bytes changed");
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(6) + MARGIN)
+            .await
+            .is_some(),
+        "{what}: the parked connection was never closed"
+    );
+    assert_eq!(relay.metric(parked).await, 0.0, "{what}");
+    relay.finish(&broker, &[&queue]).await;
+}

@@ -50,6 +50,7 @@ pub struct Metrics {
     pub spool_quarantined_messages: IntGauge,
     pub spool_files_moved_aside: IntGauge,
     pub connections_open: IntGauge,
+    pub connections_parked: IntGauge,
     pub connections_rejected: IntCounter,
     pub requests_in_flight: IntGauge,
     pub tls_handshake_failures: IntCounter,
@@ -184,6 +185,11 @@ impl Metrics {
                 "Unreadable spool files moved aside at start and still in the spool directory.",
             ),
             connections_open: gauge(r, "connections_open", "Open client connections."),
+            connections_parked: gauge(
+                r,
+                "connections_parked",
+                "Open HTTP/1 connections waiting for their next request without HTTP buffers.",
+            ),
             connections_rejected: counter(
                 r,
                 "connections_rejected_total",

@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::conn::http;
@@ -37,7 +37,7 @@ static REFUSED_LOG: LazyLock<LogThrottle> =
 /// within the deadline.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
     let slots = Arc::new(Slots::new(&state.config.limits));
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -59,13 +59,20 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
         };
         let _ = stream.set_nodelay(true);
         let (state, slots) = (state.clone(), slots.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(connection(stream, peer, state, slots, held, watcher));
+        connections.spawn(connection(
+            stream,
+            peer,
+            state,
+            slots,
+            held,
+            shutdown.clone(),
+        ));
     }
     drop(listener);
+    connections.close();
     let deadline = state.config.shutdown.deadline;
     tokio::select! {
-        _ = graceful.shutdown() => info!("all connections finished"),
+        () = connections.wait() => info!("all connections finished"),
         _ = tokio::time::sleep(deadline) => warn!(?deadline, "shutdown deadline passed; closing remaining connections"),
     }
 }
@@ -140,7 +147,7 @@ async fn connection(
     state: Arc<AppState>,
     slots: Arc<Slots>,
     held: Held,
-    watcher: Watcher,
+    shutdown: CancellationToken,
 ) {
     state.metrics.connections_open.inc();
     let mut open = OpenConnection {
@@ -179,10 +186,14 @@ async fn connection(
         }
         client_ip = source.addr();
     }
+    // Boxed: the handshake's state (~1.2 KiB) only while it runs, and the
+    // TLS session behind a pointer, so that this task stays small while the
+    // connection is parked (server/conn.rs).
     match state.tls() {
         Some(tls) => {
-            match tokio::time::timeout(header_timeout, tls.acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => http(tls_stream, client_ip, state, watcher).await,
+            match tokio::time::timeout(header_timeout, Box::pin(tls.acceptor.accept(stream))).await
+            {
+                Ok(Ok(tls_stream)) => http(Box::new(tls_stream), client_ip, state, shutdown).await,
                 Ok(Err(e)) => {
                     state.metrics.tls_handshake_failures.inc();
                     debug!(%peer, error = %e, "TLS handshake failed");
@@ -193,6 +204,6 @@ async fn connection(
                 }
             }
         }
-        None => http(stream, client_ip, state, watcher).await,
+        None => http(stream, client_ip, state, shutdown).await,
     }
 }

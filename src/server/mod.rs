@@ -5,6 +5,8 @@
 
 mod accept;
 mod conn;
+mod idle;
 mod slots;
+mod transport;
 
 pub use accept::serve;
