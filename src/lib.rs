@@ -9,7 +9,7 @@
 //! (routing key) → `dedup` → `outbox` (`broker` confirm, else the
 //! spool); `reject` answers every failure. Around it: `config`,
 //! `tls`, `proxy_protocol`, `metrics`, `admin`, `state`, `app`
-//! (wiring) and `signals`. `ocrolus` is the client of Ocrolus' webhook API
+//! (wiring), `signals` and `allocator`. `ocrolus` is the client of Ocrolus' webhook API
 //! behind `ocrolus-relay ocrolus …`.
 //!
 //! Every module is private to the crate; the `pub use` lines below are the
@@ -17,6 +17,7 @@
 //! the fuzz targets.
 
 mod admin;
+mod allocator;
 mod app;
 mod auth;
 mod backoff;

@@ -11,6 +11,7 @@ use crate::signals::{Signals, run_until_signalled};
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let banner = config.sources.dev.then(|| DevBanner::new(&config));
     let signals = Signals::install()?;
+    crate::allocator::check();
     let relay = Relay::start(config).await?;
     if let Some(banner) = banner {
         eprintln!("{}", banner.render(relay.public_addr, relay.admin_addr));
