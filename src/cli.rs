@@ -16,6 +16,7 @@ use crate::cmd;
 use crate::config::{Config, LogFormat, ServeArgs};
 use crate::config_error::ConfigError;
 use crate::config_file::{ConfigFile, find_config_arg};
+use crate::log_writer::{self, LogWriter};
 use crate::signals::ForcedExit;
 
 #[derive(Debug, Parser)]
@@ -189,6 +190,7 @@ pub fn run(cli: Cli) -> ExitCode {
     // A forced stop must not wait for tasks still running (a stuck fsync,
     // the drain it cut short); a finished command has none left.
     runtime.shutdown_background();
+    log_writer::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // Logged when the second signal came.
@@ -260,8 +262,10 @@ fn init_logging(format: LogFormat, one_shot: bool) {
     // third of every access-log line and its formatting time.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // `serve` writes its lines in batches (log_writer.rs); a one-shot
+    // command's few lines are progress a person is watching.
+    let builder = builder.with_writer(LogWriter::install(!one_shot));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

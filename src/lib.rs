@@ -32,6 +32,7 @@ mod dedup;
 mod event;
 mod limits;
 mod log_throttle;
+mod log_writer;
 mod metrics;
 mod nodes;
 mod ocrolus;

@@ -764,3 +764,83 @@ fn metric_name_extraction() {
     .collect();
     assert_eq!(names, expected);
 }
+
+/// `serve` writes INFO lines in batches (src/log_writer.rs): an access line
+/// still shows within a flush period, and none is lost when the relay
+/// exits, down to the last line it logs.
+#[tokio::test]
+async fn access_lines_come_out_in_batches_and_all_of_them_before_exit() {
+    require_broker!();
+    let broker = TestBroker::connect().await;
+    let exchange = unique("test.events");
+    let (alternate, dead) = (format!("{exchange}.unrouted"), format!("{exchange}.dead"));
+    ocrolus_relay::declare_topology(&broker.channel, &exchange, Some(&alternate), Some(&dead))
+        .await
+        .expect("declare");
+    let queue = broker.bind_queue(&exchange, "#").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool_dir = dir.path().join("spool");
+    let opts = RelayOptions {
+        extra: relaxed(),
+        ..RelayOptions::default()
+    };
+    let args = serve_args(&opts, dir.path(), &exchange, &alternate, &spool_dir);
+    let mut relay = RelayBinary::start(&args).await;
+    let logged = |relay: &RelayBinary, id: &str| {
+        relay
+            .logs
+            .lock()
+            .expect("logs")
+            .iter()
+            .filter(|line| line.contains("webhook accepted") && line.contains(id))
+            .count()
+    };
+    let body = br#"{"event_name":"book.verified","book_pk":1}"#;
+    let first = new_id();
+    let answer = try_post(&relay.url, &first, body, Duration::from_secs(30)).await;
+    assert_eq!(answer.expect("answer").0, 200);
+    let started = std::time::Instant::now();
+    while logged(&relay, &first) == 0 && started.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(logged(&relay, &first), 1, "access line not out after 2 s");
+
+    let mut ids = vec![first];
+    for _ in 0..200 {
+        let id = new_id();
+        let answer = try_post(&relay.url, &id, body, Duration::from_secs(30)).await;
+        assert_eq!(answer.expect("answer").0, 200);
+        ids.push(id);
+    }
+    relay.sigterm();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    // The reader thread reads the pipe to its end.
+    let stopped = |relay: &RelayBinary| {
+        relay
+            .logs
+            .lock()
+            .expect("logs")
+            .iter()
+            .any(|line| line.contains("ocrolus-relay stopped"))
+    };
+    let started = std::time::Instant::now();
+    while !stopped(&relay) && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stopped(&relay), "the last line before exit is missing");
+    for id in &ids {
+        assert_eq!(logged(&relay, id), 1, "access line of {id}");
+    }
+    let got = broker
+        .drain(&queue, ids.len(), Duration::from_secs(10))
+        .await;
+    assert_eq!(got.len(), ids.len());
+    assert!(got.iter().all(|m| m.data == body));
+    for queue in [&queue, &alternate, &dead] {
+        broker.delete_queue(queue).await;
+    }
+    for exchange in [&exchange, &alternate, &dead] {
+        broker.delete_exchange(exchange).await;
+    }
+}
