@@ -9,15 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use futures_util::StreamExt;
-use lapin::ConnectionProperties;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use crate::auth::{BasicCredentials, Secrets};
 use crate::config::{BrokerArgs, DEFAULT_SOURCE};
 use crate::event::KNOWN_EVENTS;
-use crate::nodes::Nodes;
 use crate::ocrolus::api::{Webhook, WebhookBody, WebhookSettings, redact_userinfo};
 use crate::ocrolus::client::{ClientSecret, DEFAULT_API_URL, DEFAULT_AUDIENCE, DEFAULT_TOKEN_URL};
 use crate::ocrolus::{Client, ClientConfig};
@@ -528,43 +524,16 @@ async fn test(client: &Client, args: TestArgs, out: Output) -> anyhow::Result<()
         .ok_or_else(|| anyhow!("Ocrolus listed event {:?} without a uuid", args.event))?;
     let event_name = event.name.clone().unwrap_or_else(|| args.event.clone());
 
-    let (connection, _) = Nodes::from_args(&args.broker)?
-        .connect_first(ConnectionProperties::default())
-        .await
-        .context("connecting to the broker to watch for the test event")?;
-    let channel = connection.create_channel().await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            args.broker.exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("binding to exchange {}", args.broker.exchange))?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "ocrolus-relay-webhook-test".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let super::tail::Watch {
+        connection,
+        mut consumer,
+        ..
+    } = super::tail::watch(
+        &args.broker,
+        &["#".to_owned()],
+        "ocrolus-relay-webhook-test",
+    )
+    .await?;
 
     let sent = client.test_webhook(&args.uuid, &event_uuid).await?;
     let book_uuid = sent

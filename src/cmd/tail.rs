@@ -24,7 +24,42 @@ pub struct TailArgs {
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let nodes = Nodes::from_args(&args.broker)?;
+    let Watch {
+        connection,
+        node,
+        mut consumer,
+    } = watch(&args.broker, &args.bindings, "ocrolus-relay-tail").await?;
+    eprintln!(
+        "tailing exchange {} with {:?} on node {node}",
+        args.broker.exchange, args.bindings
+    );
+    let mut seen = 0;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery?;
+        println!("{}", render(&delivery));
+        seen += 1;
+        if args.max.is_some_and(|max| seen >= max) {
+            break;
+        }
+    }
+    let _ = connection.close(200, "tail done".into()).await;
+    Ok(())
+}
+
+/// The broker's own words, without lapin's repetition of them, and what to
+/// do about the usual cause.
+/// A temporary queue bound to `--exchange` with `bindings` and consumed
+/// without acks: what `tail` prints, and what `ocrolus webhooks test`
+/// watches for Ocrolus' test event. The queue goes with the connection.
+pub struct Watch {
+    pub connection: lapin::Connection,
+    /// The broker node (`host:port`) that answered.
+    pub node: String,
+    pub consumer: lapin::Consumer,
+}
+
+pub async fn watch(broker: &BrokerArgs, bindings: &[String], tag: &str) -> anyhow::Result<Watch> {
+    let nodes = Nodes::from_args(broker)?;
     let (connection, node) = nodes
         .connect_first(ConnectionProperties::default())
         .await
@@ -41,26 +76,22 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             FieldTable::default(),
         )
         .await?;
-    for binding in &args.bindings {
+    for binding in bindings {
         channel
             .queue_bind(
                 queue.name().clone(),
-                args.broker.exchange.as_str().into(),
+                broker.exchange.as_str().into(),
                 binding.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| bind_failed(&e, &args.broker.exchange))?;
+            .map_err(|e| bind_failed(&e, &broker.exchange))?;
     }
-    eprintln!(
-        "tailing exchange {} with {:?} on node {node}",
-        args.broker.exchange, args.bindings
-    );
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(
             queue.name().clone(),
-            "ocrolus-relay-tail".into(),
+            tag.into(),
             BasicConsumeOptions {
                 no_ack: true,
                 ..BasicConsumeOptions::default()
@@ -68,21 +99,13 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             FieldTable::default(),
         )
         .await?;
-    let mut seen = 0;
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery?;
-        println!("{}", render(&delivery));
-        seen += 1;
-        if args.max.is_some_and(|max| seen >= max) {
-            break;
-        }
-    }
-    let _ = connection.close(200, "tail done".into()).await;
-    Ok(())
+    Ok(Watch {
+        node: node.to_owned(),
+        connection,
+        consumer,
+    })
 }
 
-/// The broker's own words, without lapin's repetition of them, and what to
-/// do about the usual cause.
 fn bind_failed(e: &lapin::Error, exchange: &str) -> anyhow::Error {
     match e.kind() {
         lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404 => anyhow::anyhow!(

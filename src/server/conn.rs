@@ -74,6 +74,7 @@ pub(super) async fn http<S: Transport>(
         }
     };
     if h2 {
+        // Boxed: hyper's h2 state is large, and only h2 connections need it.
         Box::pin(conn.serve_h2(stream)).await;
     } else {
         conn.serve_h1(stream).await;
