@@ -257,11 +257,22 @@ async fn nacked_poison_from_a_full_reject_publish_queue_does_not_hold_back_the_e
     relay.finish(&broker, &[&queue]).await;
 }
 
-/// With the dead-letter exchange refusing too (its queue full), the poison
-/// is kept in the quarantine table: never dropped, never blocking.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn poison_that_cannot_be_dead_lettered_is_quarantined() {
-    require_broker!();
+/// A relay whose poison event could not be dead-lettered either, so that
+/// it waits in the quarantine table: its victims are delivered first
+/// (never blocked), exactly. The dead-letter queue is deleted once the
+/// relay is back up (it declares it again when it reconnects; without it,
+/// publishing there is unroutable as well); the poison gets there only
+/// after its attempts, seconds later.
+struct Quarantined {
+    relay: TestRelay,
+    broker: TestBroker,
+    queue: String,
+    poison: (String, Vec<u8>),
+    /// Between the relay and the broker: dropping it cuts the relay off.
+    _proxy: FaultProxy,
+}
+
+async fn quarantine_a_poison(run: &str) -> Quarantined {
     let proxy = FaultProxy::start("127.0.0.1:5672").await;
     let relay = TestRelay::start(RelayOptions {
         amqp_url: proxy.url(),
@@ -271,23 +282,43 @@ async fn poison_that_cannot_be_dead_lettered_is_quarantined() {
     .await;
     let broker = TestBroker::connect().await;
     let queue = broker.bind_queue(&relay.exchange, "book.verified").await;
-    let run = unique("quarantine");
+    let run = unique(run);
     let poison = (new_id(), poison_body(&run));
-
     let (victims, _) =
         spool_poison_then_victims(&relay, &proxy, (&poison.0, &poison.1), &run).await;
-    // The relay declares the dead-letter queue again when it reconnects;
-    // without it, publishing there is unroutable as well. The poison is
-    // dead-lettered only after its attempts (seconds), long after this.
     assert!(relay.wait_broker_up(EVENTUALLY).await);
     broker.delete_queue(&relay.dead_letter).await;
-    let got = collect(&broker, &queue, &victims, PROMPTLY).await;
-    assert_exact(&got, &victims);
+    assert_exact(
+        &collect(&broker, &queue, &victims, PROMPTLY).await,
+        &victims,
+    );
     let spool = &relay.relay().state().outbox.spool;
     let started = Instant::now();
     while spool.stats().quarantined == 0 && started.elapsed() < EVENTUALLY {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Quarantined {
+        relay,
+        broker,
+        queue,
+        poison,
+        _proxy: proxy,
+    }
+}
+
+/// With the dead-letter exchange refusing too (its queue full), the poison
+/// is kept in the quarantine table: never dropped, never blocking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_that_cannot_be_dead_lettered_is_quarantined() {
+    require_broker!();
+    let Quarantined {
+        relay,
+        broker,
+        queue,
+        poison,
+        _proxy,
+    } = quarantine_a_poison("quarantine").await;
+    let spool = &relay.relay().state().outbox.spool;
     let stats = spool.stats();
     assert_eq!((stats.messages, stats.quarantined), (0, 1), "{stats:?}");
     let quarantined = spool.quarantined(10).await.expect("list quarantine");
@@ -316,30 +347,14 @@ async fn poison_that_cannot_be_dead_lettered_is_quarantined() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quarantined_event_is_replayed_through_the_running_relay() {
     require_broker!();
-    let proxy = FaultProxy::start("127.0.0.1:5672").await;
-    let relay = TestRelay::start(RelayOptions {
-        amqp_url: proxy.url(),
-        extra: flags(&["--alternate-exchange", ""]),
-        ..RelayOptions::default()
-    })
-    .await;
-    let broker = TestBroker::connect().await;
-    let queue = broker.bind_queue(&relay.exchange, "book.verified").await;
-    let run = unique("requeue");
-    let poison = (new_id(), poison_body(&run));
-    let (victims, _) =
-        spool_poison_then_victims(&relay, &proxy, (&poison.0, &poison.1), &run).await;
-    assert!(relay.wait_broker_up(EVENTUALLY).await);
-    broker.delete_queue(&relay.dead_letter).await;
-    assert_exact(
-        &collect(&broker, &queue, &victims, PROMPTLY).await,
-        &victims,
-    );
+    let Quarantined {
+        relay,
+        broker,
+        queue,
+        poison,
+        _proxy,
+    } = quarantine_a_poison("requeue").await;
     let spool = &relay.relay().state().outbox.spool;
-    let started = Instant::now();
-    while spool.stats().quarantined == 0 && started.elapsed() < EVENTUALLY {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let admin = relay.admin.to_string();
 
     let listed = run_binary(
