@@ -1345,3 +1345,69 @@ where
     assert_eq!(relay.metric(parked).await, 0.0, "{what}");
     relay.finish(&broker, &[&queue]).await;
 }
+
+/// Shutdown closes idle connections at once, parked or still held by
+/// hyper, and lets a request in flight finish: it does not wait for the
+/// deadline (25 s) nor for the header timeout (30 s).
+#[tokio::test]
+async fn shutdown_closes_idle_connections_at_once_and_finishes_requests_in_flight() {
+    require_broker!();
+    let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--header-timeout", "30"])).await;
+    let (broker, queue) = relay.watch_all().await;
+    let deliver = |id: &str| {
+        let headers = with(signed(id, BODY), "content-length", &BODY.len().to_string());
+        let mut bytes = raw_head(relay.addr, &headers).into_bytes();
+        bytes.extend(BODY);
+        bytes
+    };
+    let mut ids = Vec::new();
+    let mut parked = TcpStream::connect(relay.addr).await.expect("connect");
+    ids.push(new_id());
+    parked.write_all(&deliver(&ids[0])).await.expect("write");
+    assert_eq!(read_response(&mut parked, MARGIN).await.status, Some(200));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(relay.metric("ocrolus_relay_connections_parked").await, 1.0);
+    let mut held = TcpStream::connect(relay.addr).await.expect("connect");
+    ids.push(new_id());
+    held.write_all(&deliver(&ids[1])).await.expect("write");
+    assert_eq!(read_response(&mut held, MARGIN).await.status, Some(200));
+    // In flight: the head is in, the body comes after shutdown began.
+    let mut in_flight = TcpStream::connect(relay.addr).await.expect("connect");
+    ids.push(new_id());
+    let bytes = deliver(&ids[2]);
+    let (head, body) = bytes.split_at(bytes.len() - BODY.len());
+    in_flight.write_all(head).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let names = [
+        relay.exchange.clone(),
+        relay.dead_letter.clone(),
+        relay.alternate.clone(),
+    ];
+    let started = Instant::now();
+    let stopping = tokio::spawn(relay.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    in_flight.write_all(body).await.expect("write the body");
+    let answer = read_response(&mut in_flight, MARGIN).await;
+    assert_eq!(answer.status, Some(200), "{}", answer.text);
+    assert!(answer.says_close(), "{}", answer.text);
+    for (what, stream) in [("parked", &mut parked), ("held by hyper", &mut held)] {
+        assert!(
+            closed_within(stream, MARGIN).await.is_some(),
+            "{what}: still open during shutdown"
+        );
+    }
+    stopping.await.expect("shutdown");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    let got = broker
+        .drain(&queue, ids.len(), Duration::from_secs(5))
+        .await;
+    assert_eq!(got.iter().map(message_id).collect::<Vec<_>>(), ids);
+    assert!(got.iter().all(|m| m.data == BODY));
+    broker.delete_queue(&queue).await;
+    for name in names.iter().filter(|n| !n.is_empty()) {
+        broker.delete_exchange(name).await;
+        broker.delete_queue(name).await;
+    }
+}
