@@ -62,7 +62,7 @@ pub(super) async fn http<S: Transport>(
     let (h2, stream) = match stream.alpn_h2() {
         Some(h2) => (h2, Rewind::new(stream, Bytes::new())),
         None => {
-            let close_at = conn.activity.marks().last_end + deadlines.close_after;
+            let close_at = deadlines.close_at(conn.activity.marks());
             tokio::select! {
                 () = conn.shutdown.cancelled() => return,
                 () = sleep_until(close_at) => return conn.closed_idle(true),
@@ -186,25 +186,18 @@ impl Conn {
     }
 
     /// Waits, holding only the socket, until the peer sends something;
-    /// `false` if the connection is to be closed instead.
+    /// `false` if the connection is to be closed instead. No request can
+    /// start or end meanwhile, so the one deadline is the idle close: a
+    /// parked connection costs no timer wake-up before it.
     async fn await_bytes<S: Transport>(&self, socket: &S) -> bool {
         let _parked = Parked::new(&self.state.metrics.connections_parked);
-        loop {
-            let look_at = match self
-                .deadlines
-                .verdict(self.activity.marks(), None, Instant::now())
-            {
-                Verdict::Close { never_served } => {
-                    self.closed_idle(never_served);
-                    return false;
-                }
-                Verdict::LookAt(at) => at,
-                Verdict::Release => Instant::now() + self.deadlines.release_after,
-            };
-            tokio::select! {
-                () = self.shutdown.cancelled() => return false,
-                ready = socket.readable() => return ready.is_ok(),
-                () = sleep_until(look_at) => {}
+        let marks = self.activity.marks();
+        tokio::select! {
+            () = self.shutdown.cancelled() => false,
+            ready = socket.readable() => ready.is_ok(),
+            () = sleep_until(self.deadlines.close_at(marks)) => {
+                self.closed_idle(marks.started == 0);
+                false
             }
         }
     }

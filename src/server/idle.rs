@@ -103,6 +103,11 @@ impl Deadlines {
         }
     }
 
+    /// When a connection with these marks is closed if nothing happens.
+    pub(super) fn close_at(self, marks: Marks) -> Instant {
+        marks.last_end + self.close_after
+    }
+
     /// The longest the task sleeps between looks, so that a request ending
     /// after a look moves the next deadline by at most this much.
     fn tick(self) -> Duration {
@@ -124,7 +129,7 @@ impl Deadlines {
         if marks.started > marks.ended {
             return Verdict::LookAt(next_look);
         }
-        let close_at = marks.last_end + self.close_after;
+        let close_at = self.close_at(marks);
         if now >= close_at {
             return Verdict::Close {
                 never_served: marks.started == 0,
