@@ -135,10 +135,13 @@ impl Conn {
             .max_buf_size(MAX_HEADER_BYTES.max(8192));
         let service = self.service();
         loop {
+            // Parked: only the socket, until the peer sends something.
             let (mut socket, prefix) = stream.into_parts();
             if prefix.is_empty() && !socket.has_buffered() && !self.await_bytes(&socket).await {
                 return;
             }
+            // Held: hyper serves requests until the connection is quiet
+            // (released), idle past the header timeout, closed or stopped.
             let ended_before = self.activity.marks().ended;
             let mut hyper = Box::new(
                 builder
@@ -180,6 +183,7 @@ impl Conn {
                 let _ = tokio::time::timeout(self.deadlines.close_after, io.shutdown()).await;
                 return;
             }
+            // Released: what hyper had read goes back in front of the socket.
             let (socket, rewound) = parts.io.into_inner().into_parts();
             stream = Rewind::new(socket, unread(&rewound, &parts.read_buf));
         }
