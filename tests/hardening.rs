@@ -1283,9 +1283,14 @@ async fn keep_alive_connections_give_hyper_back_when_quiet_and_are_served_again(
 
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = write_cert(dir.path());
-    let relay = TestRelay::start(tls_relay_options(dir.path(), &extra)).await;
-    let stream = tls_connect(relay.addr, &connector(&[cert], &[b"http/1.1"], TLS_BOTH)).await;
-    served_across_releases(relay, stream).await;
+    // With ALPN, and without it (the protocol is then read off the first
+    // bytes, which may already wait inside the TLS session).
+    for alpn in [&[b"http/1.1".as_slice()][..], &[]] {
+        let relay = TestRelay::start(tls_relay_options(dir.path(), &extra)).await;
+        let tls = connector(std::slice::from_ref(&cert), alpn, TLS_BOTH);
+        let stream = tls_connect(relay.addr, &tls).await;
+        served_across_releases(relay, stream).await;
+    }
 }
 
 /// Three deliveries on one connection: at once; after a quiet spell past
@@ -1410,4 +1415,85 @@ async fn shutdown_closes_idle_connections_at_once_and_finishes_requests_in_fligh
         broker.delete_exchange(name).await;
         broker.delete_queue(name).await;
     }
+}
+
+/// A TLS 1.3 client may send its request in the same write as its
+/// Finished message: the request's plaintext then waits inside the
+/// server's TLS session and the socket never turns readable for it again.
+/// The relay must find them, with ALPN (HTTP/1.1 agreed) or without it
+/// (the protocol read off those bytes).
+#[tokio::test]
+async fn a_request_sent_with_the_tls_finished_message_is_served() {
+    require_broker!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = write_cert(dir.path());
+    for alpn in [&[][..], &[b"http/1.1".as_slice()]] {
+        let relay = TestRelay::start(tls_relay_options(dir.path(), &[])).await;
+        served_with_the_finished_message(relay, &cert, alpn).await;
+    }
+}
+
+async fn served_with_the_finished_message(
+    relay: TestRelay,
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    alpn: &[&[u8]],
+) {
+    use std::io::{Read, Write};
+    let (broker, queue) = relay.watch_all().await;
+    let id = new_id();
+    let headers = with(signed(&id, BODY), "content-length", &BODY.len().to_string());
+    let mut request = raw_head(relay.addr, &headers).into_bytes();
+    request.extend(BODY);
+    let config = connector(std::slice::from_ref(cert), alpn, &[&rustls::version::TLS13])
+        .config()
+        .clone();
+    let addr = relay.addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut tls = rustls::ClientConnection::new(config, name).expect("client");
+        let mut socket = std::net::TcpStream::connect(addr).expect("connect");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        while tls.is_handshaking() {
+            if tls.wants_write() {
+                tls.write_tls(&mut socket).expect("write handshake");
+            } else {
+                tls.read_tls(&mut socket).expect("read handshake");
+                tls.process_new_packets().expect("handshake");
+            }
+        }
+        // The client's Finished is still queued: the request joins it.
+        tls.writer().write_all(&request).expect("queue request");
+        let mut flight = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut flight).expect("encode");
+        }
+        socket.write_all(&flight).expect("one write");
+        let mut answer = Vec::new();
+        while !String::from_utf8_lossy(&answer).contains("\r\n\r\n") {
+            if tls.read_tls(&mut socket).expect("read answer") == 0 {
+                break;
+            }
+            tls.process_new_packets().expect("records");
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = tls.reader().read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                answer.extend_from_slice(&chunk[..n]);
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .expect("client");
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "ALPN {alpn:?}: {answer:?}"
+    );
+    let got = broker.drain(&queue, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.iter().map(message_id).collect::<Vec<_>>(), [id]);
+    assert_eq!(got[0].data, BODY);
+    relay.finish(&broker, &[&queue]).await;
 }

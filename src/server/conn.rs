@@ -35,6 +35,9 @@ const H2_MAX_STREAMS: u32 = 64;
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// What an h2 client sends first; anything else is HTTP/1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The first read of a connection without ALPN: a delivery's head and a
+/// small body.
+const FIRST_READ: usize = 4096;
 
 /// What a connection's tasks share.
 struct Conn {
@@ -82,19 +85,24 @@ pub(super) async fn http<S: Transport>(
 }
 
 /// Reads until the bytes either are the h2 preface or cannot be; `None` if
-/// the peer closed or failed first.
+/// the peer closed or failed first. It waits for the first bytes holding no
+/// buffer (a silent connection costs its socket only), then reads up to
+/// [`FIRST_READ`] at once: with the whole head in hand, hyper usually needs
+/// no read of its own, so a connection's first request costs one `read(2)`.
 async fn sniff<S: Transport>(mut stream: S) -> Option<(bool, Rewind<S>)> {
-    let mut seen = [0u8; H2_PREFACE.len()];
-    let mut len = 0;
+    if !stream.has_buffered() {
+        stream.readable().await.ok()?;
+    }
+    let mut seen = BytesMut::with_capacity(FIRST_READ);
     loop {
-        match stream.read(&mut seen[len..]).await {
+        match stream.read_buf(&mut seen).await {
             Ok(0) | Err(_) => return None,
-            Ok(n) => len += n,
+            Ok(_) => {}
         }
+        let len = seen.len().min(H2_PREFACE.len());
         let h2 = seen[..len] == H2_PREFACE[..len];
         if !h2 || len == H2_PREFACE.len() {
-            let seen = Bytes::copy_from_slice(&seen[..len]);
-            return Some((h2, Rewind::new(stream, seen)));
+            return Some((h2, Rewind::new(stream, seen.freeze())));
         }
     }
 }
