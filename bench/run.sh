@@ -233,9 +233,8 @@ if has flood; then
   # Forged signatures (64 hex zeros) from 127.0.0.1 on FLOOD_CONNS
   # connections, genuine signed deliveries at 20/s from 127.0.0.2. With the
   # rate limits out of reach every forged request is read, verified and
-  # refused 401, which closes its connection; with a per-address limit of
-  # 100/s almost all are refused 429 before the body is read, and the
-  # connection is kept.
+  # refused 401; with a per-address limit of 100/s almost all are refused
+  # 429 before the body is read. Both keep the connection.
   flood() { # label
     "${BENCH[@]}" flood --url "$URL" --secret-file "$TMP/secret" --relay-pid "$RELAY_PID" \
       "${BROKER[@]}" --connections "$FLOOD_CONNS" --duration 10 --genuine-rate 20 \

@@ -57,10 +57,15 @@ pub enum AfterAnswer {
 }
 
 impl AfterAnswer {
-    /// The rule: every 4xx that a retry cannot fix closes; 429 and
-    /// the 5xx answers (the relay's own trouble) keep the connection.
+    /// The rule: every 4xx that a retry cannot fix closes, except 401; 429
+    /// and the 5xx answers (the relay's own trouble) keep the connection.
+    /// A 401 comes after the whole body was read (the signature covers
+    /// it), so keeping its connection is as cheap and safe as after a 200;
+    /// closing it made every forged request cost a new TCP connection
+    /// (3.5 times the CPU of the refusal itself, BENCHMARKS.md).
     fn of(status: StatusCode) -> Self {
-        if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
+        let keeps = [StatusCode::UNAUTHORIZED, StatusCode::TOO_MANY_REQUESTS];
+        if status.is_client_error() && !keeps.contains(&status) {
             Self::Close
         } else {
             Self::Keep
@@ -343,11 +348,11 @@ mod tests {
             assert_eq!(answer.outcome.as_str(), outcome, "{reject:?}");
             assert_eq!(answer.reason.as_str(), reason, "{reject:?}");
             assert_eq!(answer.retry_after, retry_after, "{reject:?}");
-            let closes = status / 100 == 4 && status != 429;
+            let closes = status / 100 == 4 && status != 429 && status != 401;
             assert_eq!(
                 answer.after == AfterAnswer::Close,
                 closes,
-                "{reject:?}: a 4xx other than 429 closes"
+                "{reject:?}: a 4xx other than 401 and 429 closes"
             );
         }
         // The High5xxRatio alert counts every outcome answered with a 5xx.

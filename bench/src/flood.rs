@@ -6,8 +6,8 @@
 //! The flood side speaks raw HTTP/1.1 over plain TCP (one request written
 //! from a prepared buffer, the answer read back by `Content-Length`), so
 //! that the generator spends as little of the shared CPUs as it can. An
-//! answer with `Connection: close` (401 and the other refusals that close)
-//! is followed by a new connection; a 429 keeps it.
+//! answer with `Connection: close` (a refusal that closes) is followed by a
+//! new connection; 401 and 429 keep it.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
