@@ -23,7 +23,7 @@ use crate::dedup::{self, Claim};
 use crate::event::Envelope;
 use crate::limits::{self, InFlight};
 use crate::log_throttle::LogThrottle;
-use crate::metrics::{NO_SOURCE, Outcome, Reason};
+use crate::metrics::{GaugeHold, NO_SOURCE, Outcome, Reason};
 use crate::outbox::Safe;
 use crate::reject::{AfterAnswer, Reject};
 use crate::state::AppState;
@@ -78,7 +78,7 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(DeliveryId::parse);
     let http1 = parts.version < Version::HTTP_2;
-    state.metrics.requests_in_flight.inc();
+    let _in_flight = GaugeHold::new(&state.metrics.requests_in_flight);
     let policy = state.policy();
     // 2. Client address: the TCP peer stands in when the forwarded chain is
     // malformed, so that even that rejection is logged against an address.
@@ -101,7 +101,7 @@ pub async fn handle(
         }
     };
     let metrics = &state.metrics;
-    let response = match result {
+    match result {
         Ok(accepted) => {
             let latency = started.elapsed();
             let outcome = accepted.outcome.as_str();
@@ -181,9 +181,7 @@ pub async fn handle(
             }
             response
         }
-    };
-    state.metrics.requests_in_flight.dec();
-    response
+    }
 }
 
 /// Steps 3-13, in order, for a client whose address is known.

@@ -898,3 +898,57 @@ async fn transfer_codings_other_than_a_single_chunked_get_400_and_close() {
     );
     relay.finish(&broker, &[&queue]).await;
 }
+
+/// A client that gives up on a request (h2 RST_STREAM) while the relay
+/// waits for the broker's confirm makes hyper drop the request's future.
+/// Nothing was answered, so nothing was promised; but the request must not
+/// stay counted in `requests_in_flight` forever.
+#[tokio::test]
+async fn a_request_the_client_cancels_is_not_left_in_flight() {
+    require_broker!();
+    let proxy = FaultProxy::start("127.0.0.1:5672").await;
+    let relay = TestRelay::start(RelayOptions {
+        amqp_url: proxy.url(),
+        extra: ["--confirm-timeout", "30", "--request-timeout", "40"]
+            .map(String::from)
+            .to_vec(),
+        ..RelayOptions::default()
+    })
+    .await;
+    let (broker, queue) = relay.watch_all().await;
+    let in_flight = "ocrolus_relay_requests_in_flight";
+    proxy.stall();
+    let stream = TcpStream::connect(relay.addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    let (headers, body) = delivery();
+    let mut req = Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/webhooks/ocrolus", relay.addr));
+    for (k, v) in headers.iter().filter(|(n, _)| n != "content-length") {
+        req = req.header(k, v);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).expect("request");
+    let pending = tokio::spawn(sender.send_request(req));
+    let started = std::time::Instant::now();
+    while relay.metric(in_flight).await < 1.0 && started.elapsed() < MARGIN {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        relay.metric(in_flight).await,
+        1.0,
+        "waiting for the confirm"
+    );
+    // Dropping the response future resets the stream.
+    pending.abort();
+    let started = std::time::Instant::now();
+    while relay.metric(in_flight).await > 0.0 && started.elapsed() < MARGIN {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(relay.metric(in_flight).await, 0.0, "the cancelled request");
+    proxy.restore();
+    relay.finish(&broker, &[&queue]).await;
+}

@@ -285,6 +285,24 @@ impl Metrics {
     }
 }
 
+/// One unit of a gauge (an open connection, a request in flight, a parked
+/// connection), counted while this lives: a future dropped half-way, such
+/// as a request whose client reset its stream, takes its count with it.
+pub struct GaugeHold(IntGauge);
+
+impl GaugeHold {
+    pub fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeHold {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()

@@ -20,7 +20,7 @@ use super::conn::http;
 use super::slots::{ClientSlot, PoolSlot, Slots};
 use crate::client::ClientIp;
 use crate::log_throttle::LogThrottle;
-use crate::metrics::Reason;
+use crate::metrics::{GaugeHold, Reason};
 use crate::proxy_protocol;
 use crate::state::AppState;
 
@@ -131,14 +131,8 @@ struct Held {
 
 /// Counts an open connection, and holds its slots, for as long as it lives.
 struct OpenConnection {
-    state: Arc<AppState>,
+    _open: GaugeHold,
     held: Held,
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.state.metrics.connections_open.dec();
-    }
 }
 
 async fn connection(
@@ -149,9 +143,8 @@ async fn connection(
     held: Held,
     shutdown: CancellationToken,
 ) {
-    state.metrics.connections_open.inc();
     let mut open = OpenConnection {
-        state: state.clone(),
+        _open: GaugeHold::new(&state.metrics.connections_open),
         held,
     };
     let header_timeout = state.config.limits.header_timeout;

@@ -17,7 +17,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus::IntGauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -25,7 +24,7 @@ use tracing::debug;
 
 use super::idle::{ActiveRequest, Activity, Deadlines, Verdict};
 use super::transport::{Rewind, Transport};
-use crate::metrics::Reason;
+use crate::metrics::{GaugeHold, Reason};
 use crate::pipeline;
 use crate::state::AppState;
 
@@ -202,7 +201,7 @@ impl Conn {
     /// start or end meanwhile, so the one deadline is the idle close: a
     /// parked connection costs no timer wake-up before it.
     async fn await_bytes<S: Transport>(&self, socket: &S) -> bool {
-        let _parked = Parked::new(&self.state.metrics.connections_parked);
+        let _parked = GaugeHold::new(&self.state.metrics.connections_parked);
         let marks = self.activity.marks();
         tokio::select! {
             () = self.shutdown.cancelled() => false,
@@ -257,22 +256,6 @@ impl Conn {
             self.state.metrics.reject(Reason::HeaderTimeout);
         }
         debug!(peer = %self.peer, never_served, "connection idle past the header timeout; closing");
-    }
-}
-
-/// Counts a connection waiting with only its socket, while it waits.
-struct Parked(IntGauge);
-
-impl Parked {
-    fn new(gauge: &IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for Parked {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
