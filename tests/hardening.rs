@@ -8,6 +8,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,14 @@ fn signed(id: &str, body: &[u8]) -> Vec<(String, String)> {
 fn with(mut headers: Vec<(String, String)>, name: &str, value: &str) -> Vec<(String, String)> {
     headers.push((name.into(), value.into()));
     headers
+}
+
+/// A whole signed delivery of `BODY` under `id`, as raw HTTP/1.1 bytes.
+fn raw_delivery(addr: SocketAddr, id: &str) -> Vec<u8> {
+    let headers = with(signed(id, BODY), "content-length", &BODY.len().to_string());
+    let mut bytes = raw_head(addr, &headers).into_bytes();
+    bytes.extend(BODY);
+    bytes
 }
 
 async fn post(relay: &TestRelay, headers: &[(String, String)], body: &[u8]) -> Answer {
@@ -557,10 +566,10 @@ async fn connection_flood_beyond_the_limit_is_closed_at_once() {
     // The held connections are still served: one of them sends a delivery.
     let mut stream = held.pop().expect("held");
     let id = new_id();
-    let headers = with(signed(&id, BODY), "content-length", &BODY.len().to_string());
-    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
-    bytes.extend(BODY);
-    stream.write_all(&bytes).await.expect("write");
+    stream
+        .write_all(&raw_delivery(relay.addr, &id))
+        .await
+        .expect("write");
     assert_eq!(read_response(&mut stream, MARGIN).await.status, Some(200));
     drop(stream);
     drop(held);
@@ -943,14 +952,10 @@ async fn tls_serves_http1_and_h2_and_refuses_plaintext() {
         .metric("ocrolus_relay_tls_handshake_failures_total")
         .await;
     let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
-    let headers = with(
-        signed(&new_id(), BODY),
-        "content-length",
-        &BODY.len().to_string(),
-    );
-    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
-    bytes.extend(BODY);
-    stream.write_all(&bytes).await.expect("write");
+    stream
+        .write_all(&raw_delivery(relay.addr, &new_id()))
+        .await
+        .expect("write");
     let raw = read_response(&mut stream, Duration::from_secs(10)).await;
     assert!(
         raw.status.is_none() && raw.closed,
@@ -1101,10 +1106,7 @@ async fn post_after(relay: &TestRelay, preamble: &[u8], id: &str) -> u16 {
     let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
     // The relay may close before the request is written: no answer then.
     let _ = stream.write_all(preamble).await;
-    let headers = with(signed(id, BODY), "content-length", &BODY.len().to_string());
-    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
-    bytes.extend(BODY);
-    let _ = stream.write_all(&bytes).await;
+    let _ = stream.write_all(&raw_delivery(relay.addr, id)).await;
     let raw = read_response(&mut stream, Duration::from_secs(10)).await;
     raw.status.unwrap_or(0)
 }
@@ -1221,14 +1223,10 @@ async fn idle_connections_are_closed_after_the_header_timeout() {
     }
     // HTTP/1.1 keep-alive: the same limit, from hyper's own timer.
     let mut stream = TcpStream::connect(relay.addr).await.expect("connect");
-    let headers = with(
-        signed(&new_id(), BODY),
-        "content-length",
-        &BODY.len().to_string(),
-    );
-    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
-    bytes.extend(BODY);
-    stream.write_all(&bytes).await.expect("write");
+    stream
+        .write_all(&raw_delivery(relay.addr, &new_id()))
+        .await
+        .expect("write");
     assert_eq!(read_response(&mut stream, MARGIN).await.status, Some(200));
     assert!(
         closed_within(&mut stream, header_timeout + MARGIN)
@@ -1262,9 +1260,7 @@ async fn deliver_in_two_writes<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let headers = with(signed(id, BODY), "content-length", &BODY.len().to_string());
-    let mut bytes = raw_head(relay.addr, &headers).into_bytes();
-    bytes.extend(BODY);
+    let bytes = raw_delivery(relay.addr, id);
     let (first, rest) = bytes.split_at(10);
     stream.write_all(first).await.expect("write");
     tokio::time::sleep(between).await;
@@ -1359,27 +1355,26 @@ async fn shutdown_closes_idle_connections_at_once_and_finishes_requests_in_fligh
     require_broker!();
     let relay = TestRelay::start(opts(&["127.0.0.1/32"], &[], &["--header-timeout", "30"])).await;
     let (broker, queue) = relay.watch_all().await;
-    let deliver = |id: &str| {
-        let headers = with(signed(id, BODY), "content-length", &BODY.len().to_string());
-        let mut bytes = raw_head(relay.addr, &headers).into_bytes();
-        bytes.extend(BODY);
-        bytes
-    };
     let mut ids = Vec::new();
     let mut parked = TcpStream::connect(relay.addr).await.expect("connect");
     ids.push(new_id());
-    parked.write_all(&deliver(&ids[0])).await.expect("write");
+    parked
+        .write_all(&raw_delivery(relay.addr, &ids[0]))
+        .await
+        .expect("write");
     assert_eq!(read_response(&mut parked, MARGIN).await.status, Some(200));
     tokio::time::sleep(Duration::from_millis(1600)).await;
     assert_eq!(relay.metric("ocrolus_relay_connections_parked").await, 1.0);
     let mut held = TcpStream::connect(relay.addr).await.expect("connect");
     ids.push(new_id());
-    held.write_all(&deliver(&ids[1])).await.expect("write");
+    held.write_all(&raw_delivery(relay.addr, &ids[1]))
+        .await
+        .expect("write");
     assert_eq!(read_response(&mut held, MARGIN).await.status, Some(200));
     // In flight: the head is in, the body comes after shutdown began.
     let mut in_flight = TcpStream::connect(relay.addr).await.expect("connect");
     ids.push(new_id());
-    let bytes = deliver(&ids[2]);
+    let bytes = raw_delivery(relay.addr, &ids[2]);
     let (head, body) = bytes.split_at(bytes.len() - BODY.len());
     in_flight.write_all(head).await.expect("write");
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1441,9 +1436,7 @@ async fn served_with_the_finished_message(
     use std::io::{Read, Write};
     let (broker, queue) = relay.watch_all().await;
     let id = new_id();
-    let headers = with(signed(&id, BODY), "content-length", &BODY.len().to_string());
-    let mut request = raw_head(relay.addr, &headers).into_bytes();
-    request.extend(BODY);
+    let request = raw_delivery(relay.addr, &id);
     let config = connector(std::slice::from_ref(cert), alpn, &[&rustls::version::TLS13])
         .config()
         .clone();
