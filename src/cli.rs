@@ -16,6 +16,7 @@ use crate::cmd;
 use crate::config::{Config, LogFormat, ServeArgs};
 use crate::config_error::ConfigError;
 use crate::config_file::{ConfigFile, find_config_arg};
+use crate::log_format::LineFormat;
 use crate::log_writer::{self, LogWriter};
 use crate::signals::ForcedExit;
 
@@ -266,8 +267,13 @@ fn init_logging(format: LogFormat, one_shot: bool) {
     // `serve` writes its lines in batches (log_writer.rs); a one-shot
     // command's few lines are progress a person is watching.
     let builder = builder.with_writer(LogWriter::install(!one_shot));
+    let format_of = tracing_subscriber::fmt::format;
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .event_format(LineFormat::json(format_of().json().flatten_event(true)))
+            .init(),
+        LogFormat::Text => builder.event_format(LineFormat::text(format_of())).init(),
     }
 }

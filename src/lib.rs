@@ -31,6 +31,7 @@ mod config_file;
 mod dedup;
 mod event;
 mod limits;
+mod log_format;
 mod log_throttle;
 mod log_writer;
 mod metrics;
