@@ -1,7 +1,8 @@
 //! TLS for the public listener (step 1): TLS 1.2 and 1.3 only, rustls' safe
 //! default cipher suites, ALPN h2 and http/1.1, certificate chain and key
-//! from PEM. Reloaded on SIGHUP by building a new acceptor; a bad file leaves
-//! the old one in place.
+//! from PEM. Reloaded on SIGHUP by building a new server config; a bad file
+//! leaves the old one in place. The handshake and the TLS stream are
+//! `server/tls_stream.rs`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,15 +10,15 @@ use std::sync::Arc;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsPaths;
 use crate::config_error::ConfigError;
 
-/// A ready acceptor plus what operators want to know about its certificate.
+/// A ready server config plus what operators want to know about its
+/// certificate.
 #[derive(Clone)]
 pub struct Tls {
-    pub acceptor: TlsAcceptor,
+    pub config: Arc<ServerConfig>,
     pub subject: String,
     /// notAfter, Unix seconds.
     pub not_after: i64,
@@ -72,7 +73,7 @@ impl Tls {
             })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            config: Arc::new(config),
             subject,
             not_after,
         })

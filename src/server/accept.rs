@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::conn::http;
 use super::slots::{ClientSlot, PoolSlot, Slots};
+use super::tls_stream;
 use crate::client::ClientIp;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{GaugeHold, Reason};
@@ -184,8 +185,8 @@ async fn connection(
     // connection is parked (server/conn.rs).
     match state.tls() {
         Some(tls) => {
-            match tokio::time::timeout(header_timeout, Box::pin(tls.acceptor.accept(stream))).await
-            {
+            let handshake = tls_stream::accept(tls.config.clone(), stream);
+            match tokio::time::timeout(header_timeout, Box::pin(handshake)).await {
                 Ok(Ok(tls_stream)) => http(Box::new(tls_stream), client_ip, state, shutdown).await,
                 Ok(Err(e)) => {
                     state.metrics.tls_handshake_failures.inc();

@@ -7,6 +7,7 @@ mod accept;
 mod conn;
 mod idle;
 mod slots;
+mod tls_stream;
 mod transport;
 
 pub use accept::serve;

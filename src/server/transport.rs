@@ -7,10 +7,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use super::tls_stream::TlsStream;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 
 /// What the connection code needs of a socket beyond reading and writing.
 pub(super) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -42,24 +42,15 @@ impl Transport for TcpStream {
 
 impl Transport for Box<TlsStream<TcpStream>> {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        self.get_ref().0.readable()
+        self.get_ref().readable()
     }
 
     fn has_buffered(&mut self) -> bool {
-        // An error is left for the next reader to meet.
-        self.get_mut()
-            .1
-            .process_new_packets()
-            .map_or(true, |state| {
-                state.plaintext_bytes_to_read() > 0 || state.peer_has_closed()
-            })
+        TlsStream::has_buffered(self)
     }
 
     fn alpn_h2(&self) -> Option<bool> {
-        self.get_ref()
-            .1
-            .alpn_protocol()
-            .map(|protocol| protocol == b"h2")
+        self.alpn_protocol().map(|protocol| protocol == b"h2")
     }
 }
 
