@@ -130,24 +130,29 @@ enum Out<'a> {
 }
 
 /// Ciphertext taken off the socket and not yet consumed by rustls:
-/// `buf[..len]`; the rest of `buf` is room for the next read.
+/// `buf[start..start + len]`; the rest of `buf` is room for the next read.
+/// What rustls consumed is dropped by moving `start`, and the rest is moved
+/// to the front only before a read: a move per record would copy a window of
+/// tiny records once for each of them.
 #[derive(Debug, Default)]
 struct Incoming {
     buf: Vec<u8>,
+    start: usize,
     len: usize,
 }
 
 impl Incoming {
     fn filled_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[..self.len]
+        &mut self.buf[self.start..self.start + self.len]
     }
 
     /// Removes what rustls has consumed from the front.
     fn discard(&mut self, consumed: usize) {
         let consumed = consumed.min(self.len);
-        if consumed > 0 {
-            self.buf.copy_within(consumed..self.len, 0);
-            self.len -= consumed;
+        self.start += consumed;
+        self.len -= consumed;
+        if self.len == 0 {
+            self.start = 0;
         }
     }
 
@@ -156,19 +161,31 @@ impl Incoming {
     /// joining there.
     fn free_if_empty(&mut self) {
         if self.len == 0 {
-            self.buf = Vec::new();
+            *self = Self::default();
         }
     }
 
     /// Where the record at the front ends, once its header is in: after
     /// the handshake the front is always the start of a record.
     fn front_record_end(&self) -> usize {
-        match self.buf.get(3..HEADER_LEN) {
+        match self.buf.get(self.start + 3..self.start + HEADER_LEN) {
             Some(&[high, low]) if self.len >= HEADER_LEN => {
                 HEADER_LEN + usize::from(u16::from_be_bytes([high, low]))
             }
             _ => 0,
         }
+    }
+
+    /// Room after the unread bytes, moved to the front, for `want` in all.
+    fn room(&mut self, want: usize) -> &mut [u8] {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.start + self.len, 0);
+            self.start = 0;
+        }
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        &mut self.buf[self.len..want]
     }
 }
 
@@ -432,10 +449,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             self.incoming.front_record_end()
         };
         let want = (self.incoming.len + READ_CHUNK).max(record_end).min(limit);
-        if self.incoming.buf.len() < want {
-            self.incoming.buf.resize(want, 0);
-        }
-        let mut buf = ReadBuf::new(&mut self.incoming.buf[self.incoming.len..want]);
+        let mut buf = ReadBuf::new(self.incoming.room(want));
         match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
             Poll::Ready(Ok(())) => {
                 let n = buf.filled().len();
