@@ -1,7 +1,7 @@
 //! How `serve`'s log lines are formatted. tracing-subscriber's formatters
-//! cost ~2 µs (text) and ~4 µs (JSON) per access-log line, mostly in
+//! cost ~1.2 µs (text) and ~2 µs (JSON) per access-log line, mostly in
 //! `core::fmt` and in JSON written a few bytes at a time through a UTF-8
-//! check (BENCHMARKS.md, "Per-request cost", lever 9). [`LineFormat`]
+//! check (BENCHMARKS.md, "Third pass", lever 9). [`LineFormat`]
 //! writes the relay's own events itself — the very bytes tracing-subscriber
 //! would write, which the tests check — and hands every other event
 //! (another crate's, one inside a span, a terminal's coloured line) to

@@ -180,9 +180,9 @@ async fn connection(
         }
         client_ip = source.addr();
     }
-    // Boxed: the handshake's state (~1.2 KiB) only while it runs, and the
-    // TLS session behind a pointer, so that this task stays small while the
-    // connection is parked (server/conn.rs).
+    // Boxed: the handshake's state (the TLS stream, ~1.3 KiB) only while it
+    // runs, and the stream behind a pointer after it, so that this task
+    // stays small while the connection is parked (server/conn.rs).
     match state.tls() {
         Some(tls) => {
             let handshake = tls_stream::accept(tls.config.clone(), stream);

@@ -7,10 +7,11 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use super::tls_stream::TlsStream;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::tls_stream::TlsStream;
 
 /// What the connection code needs of a socket beyond reading and writing.
 pub(super) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
