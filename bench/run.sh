@@ -10,7 +10,13 @@
 #   SECTIONS=flood bench/run.sh                          # forged-signature flood
 #   RELAY_BIN=/tmp/relay-before NO_BUILD=1 SECTIONS=throughput bench/run.sh  # A/B builds
 #
-# Sections: throughput latency sizes idle tls flood channels(off by default).
+#   SECTIONS=floor bench/run.sh                          # relay vs hyper+lapin alone
+#
+# Sections: throughput latency sizes idle tls flood floor, channels (off by
+# default). floor: the relay, relay-floor (hyper + lapin publish-and-confirm,
+# nothing else) and relay-floor --no-publish (hyper alone) under the same
+# load, interleaved, REPS rounds per concurrency: relay - floor is the CPU
+# the relay's own code costs per request.
 # idle: 10,000 idle connections on a fresh relay each, plaintext and TLS,
 # after one delivery and with no request (IDLE_CONNS; the relay gets
 # --max-connections IDLE_CONNS+1000 and needs as many descriptors).
@@ -19,7 +25,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
-SECTIONS="${SECTIONS:-throughput latency sizes idle tls flood}"
+SECTIONS="${SECTIONS:-throughput latency sizes idle tls flood floor}"
 AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 PORT="${PORT:-18443}"
 ADMIN_PORT="${ADMIN_PORT:-19090}"
@@ -43,6 +49,7 @@ OUT="${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}"
 TMP="$(mktemp -d)"
 RESULTS="$OUT/results.jsonl"
 RELAY_PID=""
+FLOOR_PIDS=()
 mkdir -p "$OUT"
 
 # 10,000 idle connections need 10,000 descriptors on each side.
@@ -53,6 +60,7 @@ log() { printf '\n== %s\n' "$*" >&2; }
 cleanup() {
   set +e
   stop_relay
+  for pid in "${FLOOR_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
   if [[ -x "$BIN/relay-bench" ]]; then
     "$BIN/relay-bench" teardown --amqp-url "$AMQP_URL" --exchange "$EXCHANGE" --queue "$QUEUE" 2>/dev/null
   fi
@@ -143,10 +151,31 @@ stop_relay() {
 }
 
 run_relay() { # label url extra-args...
-  local label=$1 url=$2; shift 2
+  run_load "$RELAY_PID" "$@"
+}
+
+run_load() { # server-pid label url extra-args...
+  local pid=$1 label=$2 url=$3; shift 3
   "${BENCH[@]}" relay --url "$url" --secret-file "$TMP/secret" \
-    --relay-pid "$RELAY_PID" "${BROKER[@]}" --label "$label" --json-out "$RESULTS" "$@" >/dev/null
+    --relay-pid "$pid" "${BROKER[@]}" --label "$label" --json-out "$RESULTS" "$@" >/dev/null
   purge
+}
+
+start_floor() { # port extra-flags...; sets FLOOR_PID
+  local port=$1; shift
+  "$BIN/relay-floor" --listen "127.0.0.1:$port" --amqp-url "$AMQP_URL" \
+    --exchange "$EXCHANGE" --channels "${PUBLISH_CHANNELS:-4}" "$@" >> "$OUT/floor.log" 2>&1 &
+  FLOOR_PID=$!
+  FLOOR_PIDS+=("$FLOOR_PID")
+  for _ in $(seq 100); do
+    if curl -fsS -o /dev/null -X POST "http://127.0.0.1:$port/" -d '{}' 2>/dev/null; then
+      purge
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "relay-floor did not start" >&2
+  exit 1
 }
 
 run_baseline() { # label extra-args...
@@ -249,6 +278,23 @@ if has flood; then
   flood flood-429
 fi
 
+if has floor; then
+  start_relay
+  start_floor $((PORT + 1)); FLOOR_FULL=$FLOOR_PID
+  start_floor $((PORT + 2)) --no-publish; FLOOR_HYPER=$FLOOR_PID
+  for c in $CONCURRENCY; do
+    for rep in $(seq "$REPS"); do
+      log "floor c=$c 1 KiB, round $rep: relay, hyper+lapin, hyper alone"
+      run_relay "floor-relay-c$c" "$URL" --concurrency "$c" --requests "$REQUESTS" --duration 30
+      run_load "$FLOOR_FULL" "floor-lapin-c$c" "http://127.0.0.1:$((PORT + 1))/" \
+        --concurrency "$c" --requests "$REQUESTS" --duration 30
+      run_load "$FLOOR_HYPER" "floor-hyper-c$c" "http://127.0.0.1:$((PORT + 2))/" \
+        --concurrency "$c" --requests "$REQUESTS" --duration 30
+    done
+  done
+  kill "$FLOOR_FULL" "$FLOOR_HYPER"
+fi
+
 if has channels; then
   for ch in $CHANNELS; do
     log "--publish-channels $ch, c=256 1 KiB"
@@ -294,6 +340,15 @@ for c in $CONCURRENCY; do
   r=$(median_rps relay "tp-c$c"); b=$(median_rps baseline "tp-c$c")
   jq -rn --argjson r "$r" --argjson b "$b" --arg c "$c" \
     'if $b > 0 then "ratio c=\($c): relay \($r|round) / baseline \($b|round) = \($r / $b * 1000 | round / 1000) (target >= 0.9)" else empty end' >&2
+done
+for c in $CONCURRENCY; do
+  jq -r -s --arg c "$c" '
+    def med: sort | if length == 0 then null else .[(length/2|floor)] end;
+    def cpu($l): [.[] | select(.label == $l) | .cpu_us_per_request.relay] | med;
+    (cpu("floor-relay-c\($c)")) as $r | (cpu("floor-lapin-c\($c)")) as $f | (cpu("floor-hyper-c\($c)")) as $h |
+    if $r == null or $f == null then empty else
+      "floor c=\($c): CPU us/req relay \($r), hyper+lapin \($f), hyper alone \($h); the relay'"'"'s own code \($r - $f) us" end' \
+    "$RESULTS" >&2 || true
 done
 jq -r -s '[.[] | select(.label=="lat-half")] |
   if length == 2 then
