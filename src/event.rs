@@ -194,10 +194,10 @@ enum Fields {
 fn read(body: &[u8]) -> Result<Result<Fields, Unclassified>, EventError> {
     let text = std::str::from_utf8(body).map_err(|_| EventError::InvalidJson)?;
     let found = json::scan(text).ok_or(EventError::InvalidJson)?;
-    Ok(classify(body, found))
+    Ok(classify(text, &found))
 }
 
-fn classify(body: &[u8], found: json::Findings) -> Result<Fields, Unclassified> {
+fn classify(text: &str, found: &json::Findings) -> Result<Fields, Unclassified> {
     // Strict parsers refuse these; subscribers of the event keys never get them.
     if found.lone_surrogate {
         return Err(Unclassified::LoneSurrogate);
@@ -209,19 +209,23 @@ fn classify(body: &[u8], found: json::Findings) -> Result<Fields, Unclassified> 
         return Err(Unclassified::UnreadableFields);
     }
     // serde would also accept a JSON array for a struct; Ocrolus sends objects.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if text.trim_start().as_bytes().first() != Some(&b'{') {
         return Err(Unclassified::NotAnObject);
     }
-    // The grammar and depth are checked, so this fails only on what serde
-    // refuses beyond them: a repeated event field.
-    let probe: Probe = serde_json::from_slice(body).map_err(|_| Unclassified::UnreadableFields)?;
-    if let Some(name) = probe.event_name.or(probe.event) {
+    // A repeated member is what serde's derive refuses beyond the grammar
+    // and depth, which are checked.
+    let members = &found.members;
+    if members.repeated {
+        return Err(Unclassified::UnreadableFields);
+    }
+    let event_name = string_member(text, members.event_name)?;
+    if let Some(name) = event_name.or(string_member(text, members.event)?) {
         if !is_well_formed(&name) || name.starts_with(RESERVED_PREFIX) {
             return Err(Unclassified::BadEventName);
         }
         return Ok(Fields::Name(name.into_owned()));
     }
-    let status = probe.status.ok_or(Unclassified::NoEvent)?;
+    let status = string_member(text, members.status)?.ok_or(Unclassified::NoEvent)?;
     LEGACY_STATUS_MAP
         .iter()
         .find(|(legacy, _)| *legacy == status)
@@ -229,11 +233,27 @@ fn classify(body: &[u8], found: json::Findings) -> Result<Fields, Unclassified> 
         .ok_or(Unclassified::UnknownStatus)
 }
 
+/// A member's value, decoded by serde_json (escapes and all) when it is a
+/// string; anything else counts as absent.
+fn string_member(text: &str, at: Option<json::Span>) -> Result<Option<Cow<'_, str>>, Unclassified> {
+    let Some(span) = at else { return Ok(None) };
+    let value = text
+        .get(span.start..span.end)
+        .ok_or(Unclassified::UnreadableFields)?;
+    match serde_json::from_str::<StrOrOther>(value) {
+        Ok(StrOrOther::Str(s)) => Ok(Some(s)),
+        Ok(StrOrOther::Other(_)) => Ok(None),
+        Err(_) => Err(Unclassified::UnreadableFields),
+    }
+}
+
 /// The `status` field of a body already read by [`read`].
 fn read_status(body: &[u8]) -> Option<String> {
-    serde_json::from_slice::<Probe>(body)
-        .ok()?
-        .status
+    let text = std::str::from_utf8(body).ok()?;
+    let found = json::scan(text)?;
+    string_member(text, found.members.status)
+        .ok()
+        .flatten()
         .map(Cow::into_owned)
 }
 
@@ -263,33 +283,12 @@ pub fn is_well_formed(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// The few fields resolution looks at; everything else is skipped (the
-/// grammar of the whole body is checked first, by [`json::scan`]).
+/// A member's value as resolution reads it: a string, or anything else.
 #[derive(Deserialize)]
-struct Probe<'a> {
-    #[serde(borrow, default, deserialize_with = "string_or_none")]
-    event_name: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "string_or_none")]
-    event: Option<Cow<'a, str>>,
-    #[serde(borrow, default, deserialize_with = "string_or_none")]
-    status: Option<Cow<'a, str>>,
-}
-
-/// Non-string values (numbers, null, objects) count as absent.
-fn string_or_none<'de, D>(d: D) -> Result<Option<Cow<'de, str>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum StrOrOther<'a> {
-        Str(#[serde(borrow)] Cow<'a, str>),
-        Other(serde::de::IgnoredAny),
-    }
-    Ok(match StrOrOther::deserialize(d)? {
-        StrOrOther::Str(s) => Some(s),
-        StrOrOther::Other(_) => None,
-    })
+#[serde(untagged)]
+enum StrOrOther<'a> {
+    Str(#[serde(borrow)] Cow<'a, str>),
+    Other(serde::de::IgnoredAny),
 }
 
 /// Why a body is refused (400): it is not JSON (not UTF-8, or not the

@@ -3,6 +3,8 @@
 //! most typed consumers) refuse although the grammar allows it: a number
 //! beyond f64 and a `\u` escape that is a lone surrogate. Those bodies are
 //! JSON, so an authentic one is published (unclassified), never refused.
+//! On the way it notes where the top-level members resolution reads are,
+//! so that no second pass over the body (serde's) is needed to find them.
 
 /// A byte that ends the plain run of a string: its quote, an escape, or a
 /// control character (not allowed in a string).
@@ -11,13 +13,52 @@ fn needs_look(c: u8) -> bool {
     (c == b'"') | (c == b'\\') | (c < 0x20)
 }
 
-/// What a JSON text holds that strict parsers refuse.
+/// What a JSON text holds that strict parsers refuse, and where the
+/// members resolution reads are.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Findings {
     pub number_out_of_range: bool,
     pub lone_surrogate: bool,
     /// Nested deeper than serde_json's recursion limit.
     pub too_deep: bool,
+    pub members: Members,
+}
+
+/// The values of the top-level object's `event_name`, `event` and `status`
+/// members, found by their decoded names as serde's derive finds them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Members {
+    pub event_name: Option<Span>,
+    pub event: Option<Span>,
+    pub status: Option<Span>,
+    /// One of the three appears more than once (serde refuses the object).
+    pub repeated: bool,
+}
+
+/// Byte range of a member's value in the text (whitespace trimmed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Which of the read members a top-level key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Member {
+    EventName,
+    Event,
+    Status,
+}
+
+impl Members {
+    fn set(&mut self, member: Member, span: Span) {
+        let slot = match member {
+            Member::EventName => &mut self.event_name,
+            Member::Event => &mut self.event,
+            Member::Status => &mut self.status,
+        };
+        self.repeated |= slot.replace(span).is_some();
+    }
 }
 
 /// serde_json refuses 128 levels of nesting; anything from there on counts.
@@ -32,8 +73,14 @@ pub fn scan(text: &str) -> Option<Findings> {
     };
     // Open containers, innermost last: `{` or `[`.
     let mut open: Vec<u8> = Vec::new();
+    // A read member of the top-level object whose value is being scanned,
+    // and where that value started.
+    let mut member: Option<(Member, usize)> = None;
     loop {
         p.ws();
+        if let Some((_, start @ usize::MAX)) = &mut member {
+            *start = p.i;
+        }
         match p.peek()? {
             b'{' => {
                 p.i += 1;
@@ -41,7 +88,9 @@ pub fn scan(text: &str) -> Option<Findings> {
                 if !p.eat(b'}') {
                     open.push(b'{');
                     p.found.too_deep |= open.len() > STRICT_DEPTH;
-                    p.key()?;
+                    if let Some(m) = p.key(open.len())? {
+                        member = Some((m, usize::MAX));
+                    }
                     continue;
                 }
             }
@@ -62,13 +111,22 @@ pub fn scan(text: &str) -> Option<Findings> {
         }
         // A value ended: close containers until the next value starts.
         loop {
+            let end = p.i;
             p.ws();
             let Some(&container) = open.last() else {
                 return (p.i == p.b.len()).then_some(p.found);
             };
+            if open.len() == 1
+                && matches!(p.peek(), Some(b',' | b'}'))
+                && let Some((m, start)) = member.take()
+            {
+                p.found.members.set(m, Span { start, end });
+            }
             match p.next()? {
                 b',' if container == b'{' => {
-                    p.key()?;
+                    if let Some(m) = p.key(open.len())? {
+                        member = Some((m, usize::MAX));
+                    }
                     break;
                 }
                 b',' => break,
@@ -81,6 +139,25 @@ pub fn scan(text: &str) -> Option<Findings> {
                 _ => return None,
             }
         }
+    }
+}
+
+/// The member a quoted key names, compared after decoding as serde does:
+/// `"ev\u0065nt"` is `event`.
+fn member_named(quoted: &[u8]) -> Option<Member> {
+    let decoded;
+    let name = match quoted.get(1..quoted.len() - 1)? {
+        plain if !plain.contains(&b'\\') => plain,
+        _ => {
+            decoded = serde_json::from_slice::<String>(quoted).ok()?;
+            decoded.as_bytes()
+        }
+    };
+    match name {
+        b"event_name" => Some(Member::EventName),
+        b"event" => Some(Member::Event),
+        b"status" => Some(Member::Status),
+        _ => None,
     }
 }
 
@@ -115,15 +192,21 @@ impl Scanner<'_> {
         }
     }
 
-    /// A member name and its colon.
-    fn key(&mut self) -> Option<()> {
+    /// A member name and its colon; at `depth` 1 (the top-level object),
+    /// which read member it names, if any.
+    fn key(&mut self, depth: usize) -> Option<Option<Member>> {
         self.ws();
         if self.peek()? != b'"' {
             return None;
         }
+        let start = self.i;
         self.string()?;
+        let name = &self.b[start..self.i];
         self.ws();
-        self.eat(b':').then_some(())
+        if !self.eat(b':') {
+            return None;
+        }
+        Some(if depth == 1 { member_named(name) } else { None })
     }
 
     fn literal(&mut self, word: &[u8]) -> Option<()> {

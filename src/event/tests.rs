@@ -218,3 +218,112 @@ fn invalid_text_is_refused_and_lone_surrogates_are_unclassified() {
         "book.verified"
     );
 }
+
+/// The fields resolution reads, read by serde's derive over the whole
+/// body: what `classify` did before the scanner found the members itself,
+/// kept as the oracle of the test below.
+#[derive(Deserialize)]
+struct SerdeProbe<'a> {
+    #[serde(borrow, default, deserialize_with = "string_or_none")]
+    event_name: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "string_or_none")]
+    event: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "string_or_none")]
+    status: Option<Cow<'a, str>>,
+}
+
+fn string_or_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Cow<'de, str>>, D::Error> {
+    Ok(match StrOrOther::deserialize(d)? {
+        StrOrOther::Str(s) => Some(s),
+        StrOrOther::Other(_) => None,
+    })
+}
+
+/// What serde's reading of the members leads to, for a body that is an
+/// object of valid JSON: the name as sent, or why it is unclassified.
+fn serde_reading(body: &str) -> (String, Option<Unclassified>) {
+    let Ok(probe) = serde_json::from_str::<SerdeProbe>(body) else {
+        return (String::new(), Some(Unclassified::UnreadableFields));
+    };
+    if let Some(name) = probe.event_name.or(probe.event) {
+        return if is_well_formed(&name) && !name.starts_with(RESERVED_PREFIX) {
+            (name.into_owned(), None)
+        } else {
+            (String::new(), Some(Unclassified::BadEventName))
+        };
+    }
+    match probe.status {
+        None => (String::new(), Some(Unclassified::NoEvent)),
+        Some(status) => match LEGACY_STATUS_MAP
+            .iter()
+            .find(|(legacy, _)| *legacy == status)
+        {
+            Some((legacy, _)) => ((*legacy).to_owned(), None),
+            None => (String::new(), Some(Unclassified::UnknownStatus)),
+        },
+    }
+}
+
+/// The top-level members are found by the grammar check, not by serde:
+/// over every pair and a spread of triples of awkward members (escaped and
+/// look-alike keys, repeats, non-string and nested values, escaped values),
+/// the event is read as serde's derive reads it.
+#[test]
+fn members_are_read_as_serde_reads_them() {
+    let keys = [
+        "event_name",
+        "event",
+        "status",
+        r"event\u005fname",
+        r"ev\u0065nt",
+        r"stat\u0075s",
+        "Event",
+        "event_name ",
+        "other",
+        r#"\"event\""#,
+    ];
+    let values = [
+        r#""book.verified""#,
+        r#""DOC_VERIFIED""#,
+        r#""VERIFICATION_COMPLETE""#,
+        r#""REJECTED""#,
+        r#""book\u002everified""#,
+        r#""bad name""#,
+        r#""ocrolus.x""#,
+        r#""""#,
+        "1",
+        "null",
+        "true",
+        r#"{"event_name":"book.completed","status":"REJECTED"}"#,
+        r#"["book.verified"]"#,
+    ];
+    let members: Vec<String> = keys
+        .iter()
+        .flat_map(|k| values.iter().map(move |v| format!(r#""{k}" : {v}"#)))
+        .collect();
+    let mut bodies = Vec::new();
+    for a in &members {
+        bodies.push(format!("{{{a}}}"));
+        for b in &members {
+            bodies.push(format!(r#"{{{a},{b}}}"#));
+        }
+    }
+    // Triples: a fixed stride through all of them (odd, so it wraps over
+    // every position).
+    let n = members.len();
+    for i in (0..n * n * n).step_by(97) {
+        let (a, b, c) = (&members[i % n], &members[(i / n) % n], &members[i / n / n]);
+        bodies.push(format!("{{ {a} ,\n{b}\t, {c} }}"));
+    }
+    for body in &bodies {
+        let event = resolve(body).expect(body);
+        assert_eq!(
+            (event.name_as_sent, event.unclassified),
+            serde_reading(body),
+            "{body}"
+        );
+    }
+    assert!(bodies.len() > 20_000, "{}", bodies.len());
+}
