@@ -767,19 +767,41 @@ pub fn properties(envelope: &Envelope) -> BasicProperties {
         .with_headers(headers)
 }
 
-/// `2026-11-26T12:00:00.123Z` from Unix milliseconds.
+/// `2026-11-26T12:00:00.123Z` from Unix milliseconds. Written digit by
+/// digit for four-digit years (every message carries one), through
+/// `format!` otherwise.
 pub fn rfc3339_millis(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let millis = ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    let (Ok(year @ 0..=9999), Ok(rem), Ok(millis)) =
+        (u32::try_from(y), u32::try_from(rem), u32::try_from(millis))
+    else {
+        return format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+            rem / 3600,
+            (rem % 3600) / 60,
+            rem % 60
+        );
+    };
+    let mut out = String::with_capacity(24);
+    for (n, width, then) in [
+        (year, 4, '-'),
+        (m, 2, '-'),
+        (d, 2, 'T'),
+        (rem / 3600, 2, ':'),
+        ((rem % 3600) / 60, 2, ':'),
+        (rem % 60, 2, '.'),
+        (millis, 3, 'Z'),
+    ] {
+        for place in (0..width).rev() {
+            out.push(char::from_digit(n / 10u32.pow(place) % 10, 10).unwrap_or('0'));
+        }
+        out.push(then);
+    }
+    out
 }
 
 /// Howard Hinnant's days-to-civil algorithm.
@@ -819,6 +841,34 @@ mod tests {
             "2026-01-01T00:00:00.123Z"
         );
         assert_eq!(rfc3339_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(
+            rfc3339_millis(253_402_300_799_999),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(
+            rfc3339_millis(253_402_300_800_000),
+            "10000-01-01T00:00:00.000Z"
+        );
+        // Digit by digit, it writes what format! writes, over the whole
+        // four-digit range and either side of it.
+        let by_format = |ms: i64| {
+            let secs = ms.div_euclid(1000);
+            let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+            let rem = secs.rem_euclid(86_400);
+            format!(
+                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+                rem / 3600,
+                (rem % 3600) / 60,
+                rem % 60,
+                ms.rem_euclid(1000)
+            )
+        };
+        let (first, last) = (-62_300_000_000_000_i64, 253_500_000_000_000_i64);
+        for ms in (first..last).step_by(7_777_777_777) {
+            assert_eq!(rfc3339_millis(ms), by_format(ms), "{ms}");
+            assert_eq!(rfc3339_millis(ms + 86_399_999), by_format(ms + 86_399_999));
+        }
     }
 
     #[test]
