@@ -8,12 +8,13 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use clap::Args;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
-use ocrolus_relay::{Envelope, declare_topology, properties};
+use ocrolus_relay::{Envelope, declare_topology};
+use relay_bench::publish_as_the_relay;
 use serde_json::json;
 
 use crate::load::{LoadArgs, Outcome, Plan, Signed, Tally, body_pool, presign};
@@ -69,25 +70,10 @@ async fn publish_one(channel: &Channel, exchange: &str, routing_key: &str, d: &S
         source: "default".into(),
         exchange: None,
     };
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &envelope.body,
-            properties(&envelope),
-        )
-        .await;
-    match confirm {
-        Ok(confirm) => match confirm.await {
-            Ok(Confirmation::Ack(None)) => Outcome::Status(200),
-            Ok(Confirmation::Ack(Some(_))) => Outcome::Status(312),
-            Ok(_) => Outcome::Status(503),
-            Err(_) => Outcome::Error,
-        },
+    match publish_as_the_relay(channel, exchange, &envelope).await {
+        Ok(Confirmation::Ack(None)) => Outcome::Status(200),
+        Ok(Confirmation::Ack(Some(_))) => Outcome::Status(312),
+        Ok(_) => Outcome::Status(503),
         Err(_) => Outcome::Error,
     }
 }

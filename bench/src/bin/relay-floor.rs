@@ -26,9 +26,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
-use ocrolus_relay::{Envelope, properties};
+use ocrolus_relay::Envelope;
+use relay_bench::publish_as_the_relay;
 use tokio::net::TcpListener;
 
 #[global_allocator]
@@ -97,22 +98,8 @@ impl Publisher {
             exchange: None,
         };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
-        let confirm = self.channels[i]
-            .basic_publish(
-                self.exchange.as_str().into(),
-                envelope.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &envelope.body,
-                properties(&envelope),
-            )
-            .await;
-        match confirm {
-            Ok(confirm) => matches!(confirm.await, Ok(Confirmation::Ack(None))),
-            Err(_) => false,
-        }
+        let confirm = publish_as_the_relay(&self.channels[i], &self.exchange, &envelope).await;
+        matches!(confirm, Ok(Confirmation::Ack(None)))
     }
 }
 
