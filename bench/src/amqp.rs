@@ -8,13 +8,13 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use clap::Args;
 use lapin::options::{
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use ocrolus_relay::{Envelope, declare_topology};
-use relay_bench::publish_as_the_relay;
+use relay_bench::{confirm_channels, publish_as_the_relay};
 use serde_json::json;
 
 use crate::load::{LoadArgs, Outcome, Plan, Signed, Tally, body_pool, presign};
@@ -85,15 +85,7 @@ pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
     let secret = "baseline-does-not-verify-signatures";
     let warm = Arc::new(presign(secret, &bodies, load.warmup)?);
     let measured = Arc::new(presign(secret, &bodies, load.requests)?);
-    let connection = amqp_connect(&args.amqp_url).await?;
-    let mut channels = Vec::new();
-    for _ in 0..args.channels.max(1) {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        channels.push(channel);
-    }
+    let (connection, channels) = confirm_channels(&args.amqp_url, args.channels).await?;
     let exchange: Arc<str> = args.exchange.as_str().into();
     let routing_key: Arc<str> = load.event.as_str().into();
 

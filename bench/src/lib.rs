@@ -1,8 +1,10 @@
 //! What `relay-bench` (src/main.rs) and `relay-floor` (src/bin) share:
-//! publishing one message exactly as the relay publishes it.
+//! opening confirm channels and publishing one message exactly as the
+//! relay does.
 
-use lapin::options::BasicPublishOptions;
-use lapin::{Channel, Confirmation};
+use anyhow::Context;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use ocrolus_relay::{Envelope, properties};
 
 /// Publishes `envelope` to `exchange` under its routing key with the
@@ -25,4 +27,24 @@ pub async fn publish_as_the_relay(
         )
         .await?
         .await
+}
+
+/// One connection with `count` confirm-mode channels (at least one), as
+/// the relay opens them for `--publish-channels`.
+pub async fn confirm_channels(
+    url: &str,
+    count: usize,
+) -> anyhow::Result<(Connection, Vec<Channel>)> {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ")?;
+    let mut channels = Vec::new();
+    for _ in 0..count.max(1) {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channels.push(channel);
+    }
+    Ok((connection, channels))
 }

@@ -26,10 +26,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{Channel, Confirmation, Connection};
 use ocrolus_relay::Envelope;
-use relay_bench::publish_as_the_relay;
+use relay_bench::{confirm_channels, publish_as_the_relay};
 use tokio::net::TcpListener;
 
 #[global_allocator]
@@ -58,6 +57,8 @@ struct Args {
 
 /// The publishing half; `None` with `--no-publish`.
 struct Publisher {
+    /// Held so that the channels stay open.
+    _connection: Connection,
     channels: Vec<Channel>,
     next: AtomicUsize,
     exchange: String,
@@ -65,18 +66,9 @@ struct Publisher {
 
 impl Publisher {
     async fn connect(args: &Args) -> anyhow::Result<Self> {
-        let connection = Connection::connect(&args.amqp_url, ConnectionProperties::default())
-            .await
-            .context("connecting to RabbitMQ")?;
-        let mut channels = Vec::new();
-        for _ in 0..args.channels.max(1) {
-            let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            channels.push(channel);
-        }
+        let (connection, channels) = confirm_channels(&args.amqp_url, args.channels).await?;
         Ok(Self {
+            _connection: connection,
             channels,
             next: AtomicUsize::new(0),
             exchange: args.exchange.clone(),
