@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::Deserialize;
 
 use crate::auth::{Delivery, Verified};
 use crate::client::ClientIp;
@@ -233,18 +232,26 @@ fn classify(text: &str, found: &json::Findings) -> Result<Fields, Unclassified> 
         .ok_or(Unclassified::UnknownStatus)
 }
 
-/// A member's value, decoded by serde_json (escapes and all) when it is a
-/// string; anything else counts as absent.
+/// A member's value when it is a string (anything else counts as absent):
+/// its bytes between the quotes, or decoded by serde_json when it holds an
+/// escape. The grammar check has already read it as a string.
 fn string_member(text: &str, at: Option<json::Span>) -> Result<Option<Cow<'_, str>>, Unclassified> {
     let Some(span) = at else { return Ok(None) };
     let value = text
         .get(span.start..span.end)
         .ok_or(Unclassified::UnreadableFields)?;
-    match serde_json::from_str::<StrOrOther>(value) {
-        Ok(StrOrOther::Str(s)) => Ok(Some(s)),
-        Ok(StrOrOther::Other(_)) => Ok(None),
-        Err(_) => Err(Unclassified::UnreadableFields),
+    let Some(inner) = value.strip_prefix('"') else {
+        return Ok(None);
+    };
+    if !inner.contains('\\') {
+        let plain = inner
+            .strip_suffix('"')
+            .ok_or(Unclassified::UnreadableFields)?;
+        return Ok(Some(Cow::Borrowed(plain)));
     }
+    serde_json::from_str::<String>(value)
+        .map(|decoded| Some(Cow::Owned(decoded)))
+        .map_err(|_| Unclassified::UnreadableFields)
 }
 
 /// The `status` field of a body already read by [`read`].
@@ -281,14 +288,6 @@ pub fn is_well_formed(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// A member's value as resolution reads it: a string, or anything else.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum StrOrOther<'a> {
-    Str(#[serde(borrow)] Cow<'a, str>),
-    Other(serde::de::IgnoredAny),
 }
 
 /// Why a body is refused (400): it is not JSON (not UTF-8, or not the

@@ -1,3 +1,5 @@
+use serde::Deserialize;
+
 use super::*;
 
 fn resolve(body: &str) -> Result<Event, EventError> {
@@ -230,6 +232,14 @@ struct SerdeProbe<'a> {
     event: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "string_or_none")]
     status: Option<Cow<'a, str>>,
+}
+
+/// A member's value as serde's derive reads it: a string, or anything else.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StrOrOther<'a> {
+    Str(#[serde(borrow)] Cow<'a, str>),
+    Other(serde::de::IgnoredAny),
 }
 
 fn string_or_none<'de, D: serde::Deserializer<'de>>(
