@@ -74,13 +74,10 @@ pub fn scan(text: &str) -> Option<Findings> {
     // Open containers, innermost last: `{` or `[`.
     let mut open: Vec<u8> = Vec::new();
     // A read member of the top-level object whose value is being scanned,
-    // and where that value started.
+    // and where that value starts.
     let mut member: Option<(Member, usize)> = None;
     loop {
         p.ws();
-        if let Some((_, start @ usize::MAX)) = &mut member {
-            *start = p.i;
-        }
         match p.peek()? {
             b'{' => {
                 p.i += 1;
@@ -89,7 +86,7 @@ pub fn scan(text: &str) -> Option<Findings> {
                     open.push(b'{');
                     p.found.too_deep |= open.len() > STRICT_DEPTH;
                     if let Some(m) = p.key(open.len())? {
-                        member = Some((m, usize::MAX));
+                        member = Some((m, p.i));
                     }
                     continue;
                 }
@@ -125,7 +122,7 @@ pub fn scan(text: &str) -> Option<Findings> {
             match p.next()? {
                 b',' if container == b'{' => {
                     if let Some(m) = p.key(open.len())? {
-                        member = Some((m, usize::MAX));
+                        member = Some((m, p.i));
                     }
                     break;
                 }
@@ -192,8 +189,9 @@ impl Scanner<'_> {
         }
     }
 
-    /// A member name and its colon; at `depth` 1 (the top-level object),
-    /// which read member it names, if any.
+    /// A member name, its colon and the whitespace after it, so that the
+    /// value starts here; at `depth` 1 (the top-level object), which read
+    /// member it names, if any.
     fn key(&mut self, depth: usize) -> Option<Option<Member>> {
         self.ws();
         if self.peek()? != b'"' {
@@ -206,6 +204,7 @@ impl Scanner<'_> {
         if !self.eat(b':') {
             return None;
         }
+        self.ws();
         Some(if depth == 1 { member_named(name) } else { None })
     }
 
