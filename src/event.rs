@@ -137,7 +137,8 @@ impl EventTable {
     /// not JSON at all is an error; JSON that cannot be classified goes out
     /// under [`UNCLASSIFIED_KEY`] with its reason, never refused.
     pub fn resolve(&self, body: &[u8]) -> Result<Event, EventError> {
-        let fields = match read(body)? {
+        let json = Json::read(body)?;
+        let fields = match json.classify() {
             Ok(fields) => fields,
             Err(reason) => {
                 return Ok(Event {
@@ -152,7 +153,7 @@ impl EventTable {
             Fields::Name(name) => match self.account_level.get(name.as_str()) {
                 Some(AccountLevel::Fixed(key)) => key.clone(),
                 Some(AccountLevel::ByStatus { succeeded, failed }) => {
-                    if read_status(body).as_deref().is_some_and(is_failed_status) {
+                    if json.status().as_deref().is_some_and(is_failed_status) {
                         failed.clone()
                     } else {
                         succeeded.clone()
@@ -178,7 +179,7 @@ impl EventTable {
 /// the body alone (the publisher sets the header from it, so a spooled
 /// event needs nothing extra stored).
 pub fn unclassified_reason(body: &[u8]) -> Option<Unclassified> {
-    read(body).ok()?.err()
+    Json::read(body).ok()?.classify().err()
 }
 
 /// What names the event: an event name, or a known legacy status (its
@@ -188,48 +189,65 @@ enum Fields {
     LegacyStatus(&'static str, &'static str),
 }
 
-/// Step 9's reading of a body: `Err` if it is not JSON; `Ok(Err)` if it is
-/// JSON that names no event the relay can route.
-fn read(body: &[u8]) -> Result<Result<Fields, Unclassified>, EventError> {
-    let text = std::str::from_utf8(body).map_err(|_| EventError::InvalidJson)?;
-    let found = json::scan(text).ok_or(EventError::InvalidJson)?;
-    Ok(classify(text, &found))
+/// A body that is JSON, with what its one grammar pass found.
+struct Json<'a> {
+    text: &'a str,
+    found: json::Findings,
 }
 
-fn classify(text: &str, found: &json::Findings) -> Result<Fields, Unclassified> {
-    // Strict parsers refuse these; subscribers of the event keys never get them.
-    if found.lone_surrogate {
-        return Err(Unclassified::LoneSurrogate);
+impl<'a> Json<'a> {
+    /// Step 9's reading of a body: `Err` if it is not JSON.
+    fn read(body: &'a [u8]) -> Result<Self, EventError> {
+        let text = std::str::from_utf8(body).map_err(|_| EventError::InvalidJson)?;
+        let found = json::scan(text).ok_or(EventError::InvalidJson)?;
+        Ok(Self { text, found })
     }
-    if found.number_out_of_range {
-        return Err(Unclassified::NumberOutOfRange);
-    }
-    if found.too_deep {
-        return Err(Unclassified::UnreadableFields);
-    }
-    // serde would also accept a JSON array for a struct; Ocrolus sends objects.
-    if text.trim_start().as_bytes().first() != Some(&b'{') {
-        return Err(Unclassified::NotAnObject);
-    }
-    // A repeated member is what serde's derive refuses beyond the grammar
-    // and depth, which are checked.
-    let members = &found.members;
-    if members.repeated {
-        return Err(Unclassified::UnreadableFields);
-    }
-    let event_name = string_member(text, members.event_name)?;
-    if let Some(name) = event_name.or(string_member(text, members.event)?) {
-        if !is_well_formed(&name) || name.starts_with(RESERVED_PREFIX) {
-            return Err(Unclassified::BadEventName);
+
+    /// What names the event; `Err` for JSON that names none the relay can
+    /// route.
+    fn classify(&self) -> Result<Fields, Unclassified> {
+        let Self { text, found } = self;
+        // Strict parsers refuse these; subscribers of the event keys never get them.
+        if found.lone_surrogate {
+            return Err(Unclassified::LoneSurrogate);
         }
-        return Ok(Fields::Name(name.into_owned()));
+        if found.number_out_of_range {
+            return Err(Unclassified::NumberOutOfRange);
+        }
+        if found.too_deep {
+            return Err(Unclassified::UnreadableFields);
+        }
+        // serde would also accept a JSON array for a struct; Ocrolus sends objects.
+        if text.trim_start().as_bytes().first() != Some(&b'{') {
+            return Err(Unclassified::NotAnObject);
+        }
+        // A repeated member is what serde's derive refuses beyond the grammar
+        // and depth, which are checked.
+        let members = &found.members;
+        if members.repeated {
+            return Err(Unclassified::UnreadableFields);
+        }
+        let event_name = string_member(text, members.event_name)?;
+        if let Some(name) = event_name.or(string_member(text, members.event)?) {
+            if !is_well_formed(&name) || name.starts_with(RESERVED_PREFIX) {
+                return Err(Unclassified::BadEventName);
+            }
+            return Ok(Fields::Name(name.into_owned()));
+        }
+        let status = string_member(text, members.status)?.ok_or(Unclassified::NoEvent)?;
+        LEGACY_STATUS_MAP
+            .iter()
+            .find(|(legacy, _)| *legacy == status)
+            .map(|(legacy, key)| Fields::LegacyStatus(key, legacy))
+            .ok_or(Unclassified::UnknownStatus)
     }
-    let status = string_member(text, members.status)?.ok_or(Unclassified::NoEvent)?;
-    LEGACY_STATUS_MAP
-        .iter()
-        .find(|(legacy, _)| *legacy == status)
-        .map(|(legacy, key)| Fields::LegacyStatus(key, legacy))
-        .ok_or(Unclassified::UnknownStatus)
+
+    /// The top-level `status`, when it is a string.
+    fn status(&self) -> Option<Cow<'a, str>> {
+        string_member(self.text, self.found.members.status)
+            .ok()
+            .flatten()
+    }
 }
 
 /// A member's value when it is a string (anything else counts as absent):
@@ -252,16 +270,6 @@ fn string_member(text: &str, at: Option<json::Span>) -> Result<Option<Cow<'_, st
     serde_json::from_str::<String>(value)
         .map(|decoded| Some(Cow::Owned(decoded)))
         .map_err(|_| Unclassified::UnreadableFields)
-}
-
-/// The `status` field of a body already read by [`read`].
-fn read_status(body: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(body).ok()?;
-    let found = json::scan(text)?;
-    string_member(text, found.members.status)
-        .ok()
-        .flatten()
-        .map(Cow::into_owned)
 }
 
 /// `REJECTED` or any `*_FAILED` status means the failed twin.
