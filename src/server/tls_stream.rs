@@ -1020,6 +1020,37 @@ mod tests {
         assert!(size_of::<TlsStream<TcpStream>>() <= 1536);
     }
 
+    /// Writes `send` and shuts down while reading until the peer's EOF, at
+    /// the same time; what was read.
+    async fn send_while_reading<S: AsyncRead + AsyncWrite>(
+        stream: S,
+        send: &[u8],
+        side: &str,
+    ) -> Vec<u8> {
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let (got, ()) = tokio::join!(
+            async {
+                let mut got = Vec::new();
+                reader
+                    .read_to_end(&mut got)
+                    .await
+                    .unwrap_or_else(|e| panic!("{side} read: {e}"));
+                got
+            },
+            async {
+                writer
+                    .write_all(send)
+                    .await
+                    .unwrap_or_else(|e| panic!("{side} write: {e}"));
+                writer
+                    .shutdown()
+                    .await
+                    .unwrap_or_else(|e| panic!("{side} shutdown: {e}"));
+            },
+        );
+        got
+    }
+
     /// Each side writes 1 MiB while reading the other's, in one task.
     async fn full_duplex(version: &'static SupportedProtocolVersion) {
         let (server, client) = pair(version, 1024).await;
@@ -1027,34 +1058,9 @@ mod tests {
         let to_server = payload(1 << 20, 2);
         let server_side = {
             let to_client = to_client.clone();
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = tokio::io::split(server);
-                let (got, ()) = tokio::join!(
-                    async {
-                        let mut got = Vec::new();
-                        reader.read_to_end(&mut got).await.expect("server read");
-                        got
-                    },
-                    async {
-                        writer.write_all(&to_client).await.expect("server write");
-                        writer.shutdown().await.expect("server shutdown");
-                    },
-                );
-                got
-            })
+            tokio::spawn(async move { send_while_reading(server, &to_client, "server").await })
         };
-        let (mut reader, mut writer) = tokio::io::split(client);
-        let (got, ()) = tokio::join!(
-            async {
-                let mut got = Vec::new();
-                reader.read_to_end(&mut got).await.expect("client read");
-                got
-            },
-            async {
-                writer.write_all(&to_server).await.expect("client write");
-                writer.shutdown().await.expect("client shutdown");
-            },
-        );
+        let got = send_while_reading(client, &to_server, "client").await;
         assert!(got == to_client, "client got {} bytes", got.len());
         let got = server_side.await.expect("server task");
         assert!(got == to_server, "server got {} bytes", got.len());
