@@ -12,9 +12,9 @@ use lapin::options::{
     QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{Channel, Confirmation};
 use ocrolus_relay::{Envelope, declare_topology};
-use relay_bench::{confirm_channels, publish_as_the_relay};
+use relay_bench::{confirm_channels, connect, publish_as_the_relay};
 use serde_json::json;
 
 use crate::load::{LoadArgs, Outcome, Plan, Signed, Tally, body_pool, presign};
@@ -48,12 +48,6 @@ pub struct TopologyArgs {
     /// a cluster's nodes before the confirm), as a production cluster has.
     #[arg(long)]
     pub quorum: bool,
-}
-
-async fn amqp_connect(url: &str) -> anyhow::Result<Connection> {
-    Connection::connect(url, ConnectionProperties::default())
-        .await
-        .context("connecting to RabbitMQ")
 }
 
 /// Publishes one delivery as the relay would: the relay's own envelope and
@@ -150,7 +144,7 @@ pub async fn baseline(args: BaselineArgs) -> anyhow::Result<()> {
 /// the relay's declare at start matches it,
 /// plus one durable queue bound with '#'.
 pub async fn setup(args: &TopologyArgs) -> anyhow::Result<()> {
-    let connection = amqp_connect(&args.amqp_url).await?;
+    let connection = connect(&args.amqp_url).await?;
     let channel = connection.create_channel().await?;
     declare_topology(&channel, &args.exchange, None, None)
         .await
@@ -186,7 +180,7 @@ pub async fn setup(args: &TopologyArgs) -> anyhow::Result<()> {
 }
 
 pub async fn purge(args: &TopologyArgs) -> anyhow::Result<()> {
-    let connection = amqp_connect(&args.amqp_url).await?;
+    let connection = connect(&args.amqp_url).await?;
     let channel = connection.create_channel().await?;
     let purged = channel
         .queue_purge(args.queue.as_str().into(), QueuePurgeOptions::default())
@@ -197,7 +191,7 @@ pub async fn purge(args: &TopologyArgs) -> anyhow::Result<()> {
 }
 
 pub async fn teardown(args: &TopologyArgs) -> anyhow::Result<()> {
-    let connection = amqp_connect(&args.amqp_url).await?;
+    let connection = connect(&args.amqp_url).await?;
     let channel = connection.create_channel().await?;
     channel
         .queue_delete(args.queue.as_str().into(), QueueDeleteOptions::default())

@@ -1,5 +1,5 @@
 //! What `relay-bench` (src/main.rs) and `relay-floor` (src/bin) share:
-//! opening confirm channels and publishing one message exactly as the
+//! connecting, opening confirm channels and publishing one message exactly as the
 //! relay does.
 
 use anyhow::Context;
@@ -29,15 +29,20 @@ pub async fn publish_as_the_relay(
         .await
 }
 
+/// A connection to RabbitMQ at `url`.
+pub async fn connect(url: &str) -> anyhow::Result<Connection> {
+    Connection::connect(url, ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ")
+}
+
 /// One connection with `count` confirm-mode channels (at least one), as
 /// the relay opens them for `--publish-channels`.
 pub async fn confirm_channels(
     url: &str,
     count: usize,
 ) -> anyhow::Result<(Connection, Vec<Channel>)> {
-    let connection = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .context("connecting to RabbitMQ")?;
+    let connection = connect(url).await?;
     let mut channels = Vec::new();
     for _ in 0..count.max(1) {
         let channel = connection.create_channel().await?;
